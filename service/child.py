@@ -1,0 +1,209 @@
+"""A pool child: read a job, decode its body, run the task, send back bytes. One at a time.
+
+Run by the pool as ``python -m service.child``. The pipe to the parent is stdin/stdout, moved
+to private descriptors first so a task's ``print`` goes to stderr instead of corrupting frames.
+Everything the task produces is turned into bytes or plain strings here, in the child: no
+result or exception object ever crosses the pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import os
+import resource
+import signal
+import sys
+from types import FrameType
+from typing import Any, BinaryIO
+
+from service import protocol
+from service.context import TaskContext, _set_current
+from service.errors import SoftTimeLimitExceeded
+from service.pipe import HEADER, READY, JobFrame, Kind, ResultFrame, frame
+from service.protocol import ProtocolError, Reason
+from service.registry import TaskSpec, import_task_modules, lookup
+
+_PR_SET_PDEATHSIG = 1
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make the kernel SIGKILL this child when the parent dies, so no orphan keeps running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _harden() -> None:
+    # The parent decides when children stop: a group-wide SIGINT/SIGTERM must not kill tasks
+    # the parent is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Under memory pressure the kernel should pick a child, never the parent holding the acks.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """Type name and message of any exception, even one whose ``__str__`` raises."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {type(exc).__name__}>"
+    return type(exc).__name__, protocol.truncate(message)
+
+
+class Runner:
+    """Runs decoded jobs; owns the per-child limits."""
+
+    def __init__(self, *, max_depth: int, max_result_size: int) -> None:
+        self.max_depth = max_depth
+        self.max_result_size = max_result_size
+
+    def run(self, job: JobFrame) -> ResultFrame:
+        spec = lookup(job.task)
+        if spec is None:  # the parent checks first; this guards a mismatched child
+            return ResultFrame(job.job_id, Kind.REJECTED, None, Reason.UNKNOWN_TASK, job.task)
+        try:
+            args, kwargs = protocol.decode_request(
+                job.content_type, job.body, max_depth=self.max_depth
+            )
+            _bind(spec, args, kwargs)
+        except ProtocolError as exc:
+            return ResultFrame(job.job_id, Kind.REJECTED, None, exc.reason, exc.detail)
+        _set_current(
+            TaskContext(job.message_id, job.task, job.attempt, job.deliveries, job.redelivered)
+        )
+        try:
+            value = self._call(spec, args, kwargs, job.soft_time_limit)
+        except BaseException as exc:  # even SystemExit: every failure becomes a plain record
+            error_type, message = _describe(exc)
+            return ResultFrame(job.job_id, Kind.ERROR, None, error_type, message, True)
+        finally:
+            _set_current(None)
+        if not job.want_result:
+            return ResultFrame(job.job_id, Kind.OK)
+        try:
+            payload = protocol.ok_result(job.content_type, value)
+        except protocol.EncodeError as exc:
+            return ResultFrame(
+                job.job_id, Kind.ERROR, None, "UnserializableResult", str(exc), False
+            )
+        if len(payload) > self.max_result_size:
+            return ResultFrame(
+                job.job_id,
+                Kind.ERROR,
+                None,
+                "ResultTooLarge",
+                f"result is {len(payload)} bytes, over the {self.max_result_size}-byte cap",
+                False,
+            )
+        return ResultFrame(job.job_id, Kind.OK, payload)
+
+    @staticmethod
+    def _call(
+        spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], soft_limit: float | None
+    ) -> Any:
+        if soft_limit is None:
+            return spec.fn(*args, **kwargs)
+        signal.setitimer(signal.ITIMER_REAL, soft_limit)
+        try:
+            return spec.fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _bind(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+    # Checked before the call so a TypeError raised inside the task is a failure, not bad input.
+    try:
+        signature = inspect.signature(spec.fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ProtocolError(Reason.BAD_ARGS, f"{spec.name}: {exc}") from None
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    data = stream.read(n)
+    if len(data) < n:
+        return None
+    return data
+
+
+def serve(reader: BinaryIO, writer: BinaryIO, runner: Runner) -> None:
+    """Answer job frames until the parent closes the pipe."""
+    writer.write(frame(READY))
+    writer.flush()
+    while True:
+        header = _read_exact(reader, HEADER.size)
+        if header is None:
+            return
+        body = _read_exact(reader, HEADER.unpack(header)[0])
+        if body is None:
+            return
+        result = runner.run(JobFrame.unpack(body))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result = ResultFrame(
+            result.job_id,
+            result.kind,
+            result.payload,
+            result.error_type,
+            result.error_message,
+            result.retryable,
+            usage.ru_utime + usage.ru_stime,
+            _rss_bytes(),
+        )
+        writer.write(result.pack())
+        writer.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="service.child")
+    parser.add_argument("--tasks", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--max-depth", type=int, default=protocol.DEFAULT_MAX_DEPTH)
+    parser.add_argument("--max-result-size", type=int, required=True)
+    parser.add_argument("--memory-limit", type=int, default=0)
+    opts = parser.parse_args(argv)
+
+    _die_with_parent(opts.parent_pid)
+    _harden()
+    if opts.memory_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (opts.memory_limit, opts.memory_limit))
+    signal.signal(signal.SIGALRM, _on_soft_limit)
+
+    # Private copies of the pipe; fd 0 reads nothing and fd 1 writes to stderr from now on.
+    reader = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    writer = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    import_task_modules(m for m in opts.tasks.split(",") if m)
+    serve(reader, writer, Runner(max_depth=opts.max_depth, max_result_size=opts.max_result_size))
+
+
+if __name__ == "__main__":
+    main()

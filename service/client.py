@@ -1,0 +1,286 @@
+"""Publish tasks and read results: `AsyncClient` for asyncio code, `Client` for everything else.
+
+Both speak wire protocol v1 and wait for publisher confirms, so a returned task id means the
+broker has the task. Results come back on a private, exclusive reply queue; ``call`` and ``map``
+raise `TaskError` with the remote error's type and message.
+
+``Client`` runs an `AsyncClient` on a private event-loop thread, so it works from plain scripts,
+threads and notebooks alike without touching the caller's event loop::
+
+    with Client() as client:
+        client.call("crunch", 10)
+
+    async with AsyncClient() as client:
+        await client.call("crunch", 10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future as ThreadFuture
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from service import protocol, topology
+from service.broker import connect
+from service.errors import HutchError, TaskError
+from service.registry import name_of
+from service.settings import DEFAULT_BROKER_URL
+
+T = TypeVar("T")
+TaskRef = Callable[..., Any] | str
+
+
+def _default_url() -> str:
+    path = os.environ.get("HUTCH_BROKER_URL_FILE")
+    if "HUTCH_BROKER_URL" not in os.environ and path:
+        with open(path) as f:
+            return f.read().strip()
+    return os.environ.get("HUTCH_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+class AsyncClient:
+    """Publishes to one queue and collects results.
+
+    Options (keyword arguments):
+
+    - ``url``: AMQP URL; default ``HUTCH_BROKER_URL`` (or ``HUTCH_BROKER_URL_FILE``), else
+      ``amqp://guest:guest@localhost:5672/``.
+    - ``queue``: the work queue, default ``"default"``; declared (with its dead-letter queue)
+      on connect, so tasks published before any worker starts wait for one.
+    - ``content_type``: ``application/msgpack`` (default) or ``application/json``.
+    - ``timeout``: seconds ``call`` and ``map`` wait for each result; None waits forever.
+    - ``window``: most tasks ``map`` keeps in flight at once.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        queue: str = "default",
+        content_type: str = protocol.MSGPACK,
+        timeout: float | None = None,
+        window: int = 1000,
+    ) -> None:
+        if content_type not in protocol.CONTENT_TYPES:
+            raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
+        topology.check_queue_name(queue)
+        self.url = url or _default_url()
+        self.queue = queue
+        self.content_type = content_type
+        self.timeout = timeout
+        self.window = window
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._replies: AbstractQueue | None = None
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._reply_lock = asyncio.Lock()
+
+    async def connect(self) -> Self:
+        if self._connection is None:
+            self._connection = await connect(self.url, name="hutch-client")
+            self._connection.close_callbacks.add(self._on_close)
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            await topology.declare(self._channel, self.queue)
+        return self
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+        self._fail_waiting(HutchError("client closed"))
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def submit(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> str:
+        """Publish a task and wait for the broker's confirm; returns the task id."""
+        return await self._publish(task, args, kwargs, reply_to=None)
+
+    async def call(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> Any:
+        """Run a task and return its result; raises `TaskError` if it failed."""
+        return await self._call(task, args, kwargs)
+
+    async def map(
+        self,
+        task: TaskRef,
+        iterable: Iterable[Any],
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run ``task(item)`` for every item; results in input order, like ``Pool.map``.
+
+        Up to ``window`` tasks are in flight at once. With ``return_exceptions=True`` a failed
+        item's `TaskError` takes its place in the list instead of being raised.
+        """
+        gate = asyncio.Semaphore(self.window)
+
+        async def one(item: Any) -> Any:
+            async with gate:
+                return await self._call(task, (item,), {})
+
+        return await asyncio.gather(
+            *(one(item) for item in iterable), return_exceptions=return_exceptions
+        )
+
+    async def _call(self, task: TaskRef, args: Any, kwargs: Any) -> Any:
+        replies = await self._reply_queue()
+        task_id = uuid.uuid4().hex
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = future
+        try:
+            await self._publish(task, args, kwargs, reply_to=replies.name, task_id=task_id)
+            async with asyncio.timeout(self.timeout):
+                return await future
+        finally:
+            self._waiting.pop(task_id, None)
+
+    async def _publish(
+        self,
+        task: TaskRef,
+        args: Any,
+        kwargs: Any,
+        *,
+        reply_to: str | None,
+        task_id: str | None = None,
+    ) -> str:
+        channel = await self._ready_channel()
+        task_id = task_id or uuid.uuid4().hex
+        message = aio_pika.Message(
+            protocol.encode_request(self.content_type, args, kwargs),
+            headers={protocol.TASK_HEADER: name_of(task)},
+            content_type=self.content_type,
+            message_id=task_id,
+            correlation_id=task_id if reply_to else None,
+            reply_to=reply_to,
+            timestamp=time.time(),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await channel.default_exchange.publish(message, self.queue, mandatory=True)
+        return task_id
+
+    # -- results --------------------------------------------------------------------------
+
+    async def _ready_channel(self) -> AbstractChannel:
+        await self.connect()
+        assert self._channel is not None
+        return self._channel
+
+    async def _reply_queue(self) -> AbstractQueue:
+        if self._replies is None:
+            async with self._reply_lock:
+                if self._replies is None:
+                    channel = await self._ready_channel()
+                    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+                    await replies.consume(self._on_reply, no_ack=True)
+                    self._replies = replies
+        return self._replies
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._waiting.get(message.correlation_id or "")
+        if future is None or future.done():
+            return  # a late or duplicate result (tasks run at least once)
+        try:
+            envelope = protocol.decode(message.content_type or "", message.body, max_depth=None)
+            if envelope.get("ok"):
+                future.set_result(envelope.get("result"))
+            else:
+                error = envelope.get("error") or {}
+                future.set_exception(
+                    TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
+                )
+        except (protocol.ProtocolError, AttributeError) as exc:
+            future.set_exception(HutchError(f"unreadable result: {exc}"))
+
+    def _on_close(self, *_: Any) -> None:
+        self._connection = self._channel = None
+        self._replies = None
+        self._fail_waiting(HutchError("connection to the broker was lost; the task may still run"))
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+class Client:
+    """The blocking face of `AsyncClient`; takes the same options and has the same methods."""
+
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="hutch-client", daemon=True
+        )
+        self._thread.start()
+        self._async = AsyncClient(url, **options)
+        try:
+            self._run(self._async.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        async def wrapped() -> T:
+            return await coro
+
+        future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(wrapped(), self._loop)
+        return future.result()
+
+    def submit(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> str:
+        return self._run(self._async.submit(task, *args, **kwargs))
+
+    def call(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self._async.call(task, *args, **kwargs))
+
+    def map(
+        self, task: TaskRef, iterable: Iterable[Any], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        return self._run(self._async.map(task, iterable, return_exceptions=return_exceptions))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._run(self._async.close())
+            finally:
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

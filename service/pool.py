@@ -1,0 +1,454 @@
+"""The per-host process pool, supervised from the event loop.
+
+Each child is a fresh interpreter (``python -m service.child``, so nothing is forked from the
+running loop) that runs one job at a time. The pool tracks which job each child holds, so a
+death is blamed on exactly that job and the other children keep running: the stdlib
+`ProcessPoolExecutor` instead fails every in-flight future when one child dies.
+
+A child's pipe carries length-prefixed frames (`service.pipe`); the parent reads them with one
+reader task per child and never decodes task arguments or results. Outcomes are reported
+through the ``on_done`` callback, in the order jobs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from service.pipe import HEADER, READY, JobFrame, Kind, ResultFrame
+from service.protocol import Reason
+from service.registry import TaskSpec
+
+log = logging.getLogger(__name__)
+
+_STARTUP_TIMEOUT = 60.0
+_RESPAWN_BACKOFF_MAX = 10.0
+
+
+class OutcomeKind(Enum):
+    OK = "ok"
+    ERROR = "error"  # the task raised (or its result could not be sent)
+    REJECTED = "rejected"  # bad input: `Outcome.reason` says which
+    CRASHED = "crashed"  # the child died while running this job
+    TIMEOUT = "timeout"  # the hard time limit passed and the child was killed
+    RETURNED = "returned"  # never finished through no fault of its own (drain deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    payload: bytes | None = None
+    error_type: str = ""
+    error_message: str = ""
+    retryable: bool = True
+    reason: Reason | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One delivery on its way through the pool; ``delivery`` is the consumer's handle."""
+
+    spec: TaskSpec
+    content_type: str
+    body: bytes
+    message_id: str
+    attempt: int
+    deliveries: int
+    redelivered: bool
+    want_result: bool
+    delivery: Any
+    id: int = 0
+    started: float = 0.0
+
+
+class RestartReason(Enum):
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    RECYCLE_TASKS = "recycle_tasks"
+    RECYCLE_MEMORY = "recycle_memory"
+
+
+@dataclass(eq=False)
+class _Child:
+    proc: asyncio.subprocess.Process
+    jobs: deque[Job] = field(default_factory=deque)
+    timer: asyncio.TimerHandle | None = None
+    timed_out: Job | None = None
+    aborting: bool = False
+    retiring: RestartReason | None = None
+    tasks_done: int = 0
+    baseline_rss: int = 0
+    rss: int = 0
+    cpu_seconds: float = 0.0
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class PoolStartError(RuntimeError):
+    """A child could not start (usually: a task module failed to import in it)."""
+
+
+class Pool:
+    """N children, one job each; jobs beyond that wait in a local queue.
+
+    Options (keyword arguments):
+
+    - ``size``: number of children.
+    - ``time_limit``: default hard limit in seconds for tasks that set none.
+    - ``max_depth`` / ``max_result_size``: decoding and result caps applied in the children.
+    - ``memory_limit``: ``RLIMIT_AS`` per child in bytes (0: none); a task over it gets
+      `MemoryError` instead of pushing the host into the OOM killer.
+    - ``max_tasks_per_child``: recycle a child after this many jobs (0: never).
+    - ``max_memory_per_child``: recycle a child whose resident memory grew this many bytes above
+      its baseline, taken after its first job so a fresh child never starts over the limit
+      (0: never).
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str],
+        *,
+        size: int,
+        on_done: Callable[[Job, Outcome], None],
+        time_limit: float,
+        max_depth: int,
+        max_result_size: int,
+        memory_limit: int = 0,
+        max_tasks_per_child: int = 0,
+        max_memory_per_child: int = 0,
+        on_restart: Callable[[RestartReason], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("pool size must be at least 1")
+        self.size = size
+        self._modules = list(modules)
+        self._on_done = on_done
+        self._on_restart = on_restart
+        self._time_limit = time_limit
+        self._max_depth = max_depth
+        self._max_result_size = max_result_size
+        self._memory_limit = memory_limit
+        self._max_tasks = max_tasks_per_child
+        self._max_memory = max_memory_per_child
+        self._children: set[_Child] = set()
+        self._pending: deque[Job] = deque()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._respawns: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # -- public surface -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        children = await asyncio.gather(
+            *(self._spawn() for _ in range(self.size)), return_exceptions=True
+        )
+        errors = [c for c in children if isinstance(c, BaseException)]
+        for child in children:
+            if isinstance(child, _Child):
+                self._adopt(child)
+        if errors:
+            await self.close(timeout=0)
+            raise errors[0]
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; it starts as soon as a child is idle."""
+        self._pending.append(job)
+        self._dispatch()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs accepted and not yet reported: running plus waiting."""
+        return len(self._pending) + sum(len(c.jobs) for c in self._children)
+
+    @property
+    def running(self) -> int:
+        return sum(len(c.jobs) for c in self._children)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for c in self._children if c.proc.returncode is None)
+
+    def child_pids(self) -> list[int]:
+        return sorted(c.pid for c in self._children)
+
+    def child_stats(self) -> list[tuple[int, float, int]]:
+        """``(pid, cpu_seconds, rss_bytes)`` per child, as last reported."""
+        return [(c.pid, c.cpu_seconds, c.rss) for c in self._children]
+
+    def take_pending(self) -> list[Job]:
+        """Remove and return the jobs that have not started (for a drain)."""
+        jobs = list(self._pending)
+        self._pending.clear()
+        return jobs
+
+    def abort_running(self) -> None:
+        """Kill every child; their jobs are reported RETURNED (the drain deadline passed)."""
+        for child in self._children:
+            child.aborting = True
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop the children: idle ones exit on EOF; stragglers are killed after ``timeout``."""
+        self._closing = True
+        for task in self._respawns:
+            task.cancel()
+        for child in self._children:
+            self._close_stdin(child)
+        procs = [c.proc for c in self._children]
+        if procs:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout
+            )
+            if pending:
+                for proc in procs:
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                await asyncio.wait(pending)
+        readers = [c.reader for c in self._children if c.reader is not None]
+        if readers:
+            await asyncio.wait(readers)
+
+    # -- children -------------------------------------------------------------------------
+
+    async def _spawn(self) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.child",
+            "--tasks",
+            ",".join(self._modules),
+            "--parent-pid",
+            str(os.getpid()),
+            "--max-depth",
+            str(self._max_depth),
+            "--max-result-size",
+            str(self._max_result_size),
+            "--memory-limit",
+            str(self._memory_limit),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(_STARTUP_TIMEOUT):
+                header = await proc.stdout.readexactly(HEADER.size)
+                hello = await proc.stdout.readexactly(HEADER.unpack(header)[0])
+        except (asyncio.IncompleteReadError, TimeoutError):
+            hello = b""
+        if hello != READY:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            code = await proc.wait()
+            raise PoolStartError(
+                f"pool child exited with code {code} before it was ready; "
+                f"check that the task modules {self._modules} import cleanly (see stderr)"
+            )
+        return _Child(proc)
+
+    def _adopt(self, child: _Child) -> None:
+        self._children.add(child)
+        child.reader = self._loop.create_task(self._read(child))
+        self._dispatch()
+
+    def _respawn(self, reason: RestartReason) -> None:
+        if self._on_restart is not None:
+            self._on_restart(reason)
+        if not self._closing:
+            task = self._loop.create_task(self._respawn_until_up())
+            self._respawns.add(task)
+            task.add_done_callback(self._respawns.discard)
+
+    async def _respawn_until_up(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                child = await self._spawn()
+            except (PoolStartError, OSError) as exc:
+                log.error("could not replace a pool child: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESPAWN_BACKOFF_MAX)
+                continue
+            if self._closing:
+                self._close_stdin(child)
+                await child.proc.wait()
+                return
+            self._adopt(child)
+            return
+
+    @staticmethod
+    def _close_stdin(child: _Child) -> None:
+        if child.proc.stdin is not None and not child.proc.stdin.is_closing():
+            child.proc.stdin.close()
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if not self._pending:
+            return
+        for child in self._children:
+            if not self._pending:
+                return
+            if child.jobs or child.retiring or child.aborting or child.proc.returncode is not None:
+                continue
+            self._send(child, self._pending.popleft())
+
+    def _send(self, child: _Child, job: Job) -> None:
+        job.id = next(self._ids)
+        job.started = self._loop.time()
+        child.jobs.append(job)
+        limit = job.spec.time_limit or self._time_limit
+        child.timer = self._loop.call_later(limit, self._on_time_limit, child, job)
+        soft = job.spec.soft_time_limit
+        frame = JobFrame(
+            job.id,
+            job.spec.name,
+            job.content_type,
+            job.body,
+            job.message_id,
+            job.attempt,
+            job.deliveries,
+            job.redelivered,
+            soft,
+            job.want_result,
+        )
+        assert child.proc.stdin is not None
+        child.proc.stdin.write(frame.pack())
+
+    def _on_time_limit(self, child: _Child, job: Job) -> None:
+        if child.jobs and child.jobs[0] is job:
+            log.warning(
+                "task %s (id %s) passed its hard time limit; killing child %d",
+                job.spec.name,
+                job.message_id,
+                child.pid,
+            )
+            child.timed_out = job
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
+
+    async def _read(self, child: _Child) -> None:
+        stdout = child.proc.stdout
+        assert stdout is not None
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                header = await stdout.readexactly(HEADER.size)
+                data = await stdout.readexactly(HEADER.unpack(header)[0])
+                self._on_result(child, ResultFrame.unpack(data))
+        await self._on_exit(child)
+
+    def _on_result(self, child: _Child, result: ResultFrame) -> None:
+        job = child.jobs.popleft()
+        if job.id != result.job_id:  # cannot happen unless the pipe is corrupted
+            raise RuntimeError(f"child {child.pid} answered job {result.job_id}, not {job.id}")
+        if child.timer is not None:
+            child.timer.cancel()
+            child.timer = None
+        child.tasks_done += 1
+        child.cpu_seconds = result.cpu_seconds
+        child.rss = result.rss_bytes
+        if child.tasks_done == 1:
+            child.baseline_rss = result.rss_bytes
+        self._on_done(job, _outcome(result))
+        self._maybe_retire(child)
+        self._dispatch()
+
+    def _maybe_retire(self, child: _Child) -> None:
+        if self._max_tasks and child.tasks_done >= self._max_tasks:
+            child.retiring = RestartReason.RECYCLE_TASKS
+        elif self._max_memory and child.rss - child.baseline_rss > self._max_memory:
+            child.retiring = RestartReason.RECYCLE_MEMORY
+        if child.retiring is not None and not child.jobs:
+            self._close_stdin(child)  # it exits on EOF; `_on_exit` starts the replacement
+
+    async def _on_exit(self, child: _Child) -> None:
+        code = await child.proc.wait()
+        if child.timer is not None:
+            child.timer.cancel()
+        self._children.discard(child)
+        jobs = child.jobs
+        if child.aborting:
+            reason = None
+            for job in jobs:
+                self._on_done(job, Outcome(OutcomeKind.RETURNED))
+        elif jobs:
+            first = jobs.popleft()
+            if child.timed_out is first:
+                reason = RestartReason.TIMEOUT
+                limit = first.spec.time_limit or self._time_limit
+                outcome = Outcome(
+                    OutcomeKind.TIMEOUT,
+                    error_type="TimeLimitExceeded",
+                    error_message=f"hard time limit of {limit:g}s exceeded",
+                )
+            else:
+                reason = RestartReason.CRASH
+                outcome = Outcome(
+                    OutcomeKind.CRASHED,
+                    error_type="ChildDied",
+                    error_message=f"pool child {child.pid} died: {_describe_exit(code)}",
+                )
+                log.error(
+                    "pool child %d died (%s) running task %s (id %s)",
+                    child.pid,
+                    _describe_exit(code),
+                    first.spec.name,
+                    first.message_id,
+                )
+            self._on_done(first, outcome)
+            for job in jobs:
+                self._on_done(job, Outcome(OutcomeKind.RETURNED))
+        elif child.retiring is not None:
+            reason = child.retiring
+        elif self._closing:
+            reason = None
+        else:
+            reason = RestartReason.CRASH
+            log.error("idle pool child %d died: %s", child.pid, _describe_exit(code))
+        jobs.clear()
+        if reason is not None:
+            self._respawn(reason)
+        self._dispatch()
+
+
+def _outcome(result: ResultFrame) -> Outcome:
+    if result.kind is Kind.OK:
+        return Outcome(OutcomeKind.OK, result.payload)
+    if result.kind is Kind.REJECTED:
+        return Outcome(
+            OutcomeKind.REJECTED,
+            error_type=result.error_type,
+            error_message=result.error_message,
+            retryable=False,
+            reason=Reason(result.error_type),
+        )
+    return Outcome(
+        OutcomeKind.ERROR,
+        error_type=result.error_type,
+        error_message=result.error_message,
+        retryable=result.retryable,
+    )
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

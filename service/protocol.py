@@ -1,0 +1,158 @@
+"""Wire protocol v1: what a task message and a result look like on the wire.
+
+`docs/protocol.md` is the normative text; this module is its one implementation, shared by the
+worker (parent and child), the client and the tests. Nothing here talks to the broker.
+
+Decoding is defensive because the body comes from any publisher in any language: content types
+are an allow-list, msgpack extension types other than the timestamp are refused, and nesting is
+capped (msgpack itself accepts depth 1024, but pickling and ``repr`` fail near 500).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from enum import StrEnum
+from typing import Any, Final
+
+import msgpack
+
+MSGPACK: Final = "application/msgpack"
+JSON: Final = "application/json"
+CONTENT_TYPES: Final = frozenset({MSGPACK, JSON})
+
+# Message headers. `task` is set by publishers; the `x-hutch-*` ones are set by hutch.
+TASK_HEADER: Final = "task"
+ATTEMPT_HEADER: Final = "x-hutch-attempt"
+REASON_HEADER: Final = "x-hutch-reason"
+DETAIL_HEADER: Final = "x-hutch-detail"
+ERROR_TYPE_HEADER: Final = "x-hutch-error-type"
+ERROR_MESSAGE_HEADER: Final = "x-hutch-error-message"
+QUEUE_HEADER: Final = "x-hutch-queue"
+DEAD_AT_HEADER: Final = "x-hutch-dead-lettered-at"
+
+DEFAULT_MAX_DEPTH: Final = 32
+# Header values are truncated so one enormous error message cannot bloat every dead letter.
+MAX_HEADER_TEXT: Final = 1024
+
+
+class Reason(StrEnum):
+    """Why a message went to the dead-letter queue: a fixed set, safe as a metric label."""
+
+    MALFORMED = "malformed"
+    BAD_CONTENT_TYPE = "bad_content_type"
+    BAD_ENCODING = "bad_encoding"
+    UNKNOWN_TASK = "unknown_task"
+    BAD_ARGS = "bad_args"
+    TOO_LARGE = "too_large"
+    TOO_DEEP = "too_deep"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    DELIVERY_LIMIT = "delivery_limit"
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; it is dead-lettered with `reason`, never run."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class EncodeError(Exception):
+    """A value that has no representation in the chosen content type."""
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(Reason.MALFORMED, f"msgpack extension type {code} is not allowed")
+
+
+def _check_depth(value: Any, max_depth: int) -> None:
+    # Iterative, so a hostile depth cannot exhaust the C stack here either.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            raise ProtocolError(Reason.TOO_DEEP, f"nesting deeper than {max_depth}")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def decode(content_type: str, body: bytes, *, max_depth: int | None = DEFAULT_MAX_DEPTH) -> Any:
+    """Decode a body of an allowed content type, enforcing the nesting cap (None: no cap)."""
+    try:
+        if content_type == MSGPACK:
+            value = msgpack.unpackb(
+                body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=3
+            )
+        elif content_type == JSON:
+            value = json.loads(body)
+        else:
+            raise ProtocolError(Reason.BAD_CONTENT_TYPE, f"content type {content_type!r}")
+    except ProtocolError:
+        raise
+    except (msgpack.StackError, RecursionError) as exc:
+        raise ProtocolError(Reason.TOO_DEEP, "nesting too deep to decode") from exc
+    except (ValueError, TypeError) as exc:  # msgpack and json errors, bad UTF-8
+        what = str(exc) or type(exc).__name__
+        raise ProtocolError(Reason.MALFORMED, f"cannot decode {content_type}: {what}") from exc
+    if max_depth is not None:
+        _check_depth(value, max_depth)
+    return value
+
+
+def decode_request(
+    content_type: str, body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a task body into ``(args, kwargs)``; unknown top-level keys are ignored."""
+    value = decode(content_type, body, max_depth=max_depth)
+    if not isinstance(value, dict):
+        raise ProtocolError(Reason.MALFORMED, "body must be a map with 'args' and 'kwargs'")
+    args = value.get("args", [])
+    kwargs = value.get("kwargs", {})
+    if not isinstance(args, list):
+        raise ProtocolError(Reason.MALFORMED, "'args' must be an array")
+    if not isinstance(kwargs, dict):
+        raise ProtocolError(Reason.MALFORMED, "'kwargs' must be a map")
+    return args, kwargs
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode(content_type: str, value: Any) -> bytes:
+    """Encode a value; raises `EncodeError` for values the content type cannot carry."""
+    try:
+        if content_type == MSGPACK:
+            return msgpack.packb(value, datetime=True)  # type: ignore[no-any-return]
+        if content_type == JSON:
+            return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise EncodeError(f"cannot encode as {content_type}: {exc}") from exc
+    raise EncodeError(f"unsupported content type {content_type!r}")
+
+
+def encode_request(content_type: str, args: Any, kwargs: Any) -> bytes:
+    return encode(content_type, {"args": list(args), "kwargs": dict(kwargs)})
+
+
+def ok_result(content_type: str, value: Any) -> bytes:
+    return encode(content_type, {"ok": True, "result": value})
+
+
+def error_result(content_type: str, error_type: str, message: str) -> bytes:
+    # Only strings go in, so this cannot fail for an allowed content type.
+    return encode(content_type, {"ok": False, "error": {"type": error_type, "message": message}})
+
+
+def truncate(text: str, limit: int = MAX_HEADER_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,120 @@
+"""The task registry: which functions a worker may run, and with which limits.
+
+Task lookup is an allow-list filled at import time by the `task` decorator; nothing ever imports
+a module or looks up an attribute named by message data.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A registered task and its limits.
+
+    - ``max_attempts``: runs before a raising task is dead-lettered (1 disables retries).
+    - ``time_limit``: hard limit in seconds; the child is killed and the attempt fails.
+      None uses the worker's ``--time-limit``.
+    - ``soft_time_limit``: seconds after which `SoftTimeLimitExceeded` is raised inside the task.
+    - ``retry_backoff`` / ``retry_backoff_max``: the first retry waits about ``retry_backoff`` s,
+      doubling each attempt up to ``retry_backoff_max``; held by the broker, with jitter.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    max_attempts: int = 3
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+
+
+_tasks: dict[str, TaskSpec] = {}
+_names: dict[Callable[..., Any], str] = {}
+
+
+@overload
+def task(fn: F, /) -> F: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    max_attempts: int = 3,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    retry_backoff: float = 1.0,
+    retry_backoff_max: float = 300.0,
+) -> Callable[[F], F]: ...
+def task(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    max_attempts: int = 3,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    retry_backoff: float = 1.0,
+    retry_backoff_max: float = 300.0,
+) -> F | Callable[[F], F]:
+    """Register a function as a task and return it unchanged.
+
+    Used bare (``@task``) the task is named ``"module.function"``; ``@task(name=...)`` picks the
+    name publishers use in ``headers.task``. The function stays a plain function, so it still
+    works under ``multiprocessing`` or when called directly.
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    for label, limit in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+        if limit is not None and limit <= 0:
+            raise ValueError(f"{label} must be positive")
+    if time_limit is not None and soft_time_limit is not None and soft_time_limit >= time_limit:
+        raise ValueError("soft_time_limit must be below time_limit, or it can never fire")
+
+    def register(func: F) -> F:
+        task_name = name or f"{func.__module__}.{func.__qualname__}"
+        existing = _tasks.get(task_name)
+        if existing is not None and existing.fn is not func:
+            raise ValueError(f"task name {task_name!r} is already registered")
+        _tasks[task_name] = TaskSpec(
+            task_name,
+            func,
+            max_attempts=max_attempts,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+        )
+        _names[func] = task_name
+        return func
+
+    return register(fn) if fn is not None else register
+
+
+def lookup(name: str) -> TaskSpec | None:
+    return _tasks.get(name)
+
+
+def name_of(fn: Callable[..., Any] | str) -> str:
+    """The registered name of a task function; strings pass through unchanged."""
+    if isinstance(fn, str):
+        return fn
+    try:
+        return _names[fn]
+    except KeyError:
+        raise ValueError(f"{fn!r} is not a registered task: decorate it with @task") from None
+
+
+def registered() -> dict[str, TaskSpec]:
+    return dict(_tasks)
+
+
+def import_task_modules(modules: Iterable[str]) -> None:
+    """Import the modules named by the operator (never by a message) to fill the registry."""
+    for module in modules:
+        importlib.import_module(module)

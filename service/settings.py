@@ -1,0 +1,176 @@
+"""Worker settings: one definition, read from the command line or ``HUTCH_<SETTING>``.
+
+Precedence: command-line flag, then environment variable, then the documented default. The
+broker URL is deliberately not a flag (``ps`` would show its password); it comes from
+``HUTCH_BROKER_URL`` or from a file named by ``HUTCH_BROKER_URL_FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from service.cpus import usable_cpus
+from service.errors import ConfigError
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``64KiB``, ``4M``, ``1GiB`` (binary units)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (examples: 1048576, 512KiB, 4MiB, 1GiB)")
+    unit = (match.group(2) or "")[:1].lower()
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} must be a whole number of at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _modules(text: str) -> list[str]:
+    modules = [m.strip() for m in text.split(",") if m.strip()]
+    if not modules:
+        raise ValueError("name at least one module, e.g. --tasks myapp.tasks")
+    return modules
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+def _setting(
+    default: Any, parse: Callable[[str], Any], help: str, *, flag: bool = True, **kw: Any
+) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help, "flag": flag}, **kw)
+
+
+@dataclass
+class Settings:
+    """Everything a worker can be told; see ``hutch worker --help`` for the same text."""
+
+    tasks: list[str] = _setting(
+        None, _modules, "comma-separated modules whose @task functions this worker runs"
+    )
+    queue: str = _setting("default", str, "queue to consume (its dead letters go to QUEUE.dlq)")
+    concurrency: int = _setting(
+        None, _positive_int, "pool size (default: usable CPUs, honouring affinity and cgroups)"
+    )
+    prefetch_buffer: int = _setting(
+        2, _non_negative_int, "deliveries held beyond the pool size; prefetch = concurrency + this"
+    )
+    drain_timeout: float = _setting(
+        25.0, _positive_float, "seconds SIGTERM lets running tasks finish before returning them"
+    )
+    time_limit: float = _setting(
+        1500.0, _positive_float, "hard time limit in seconds for tasks that set none"
+    )
+    consumer_timeout: float = _setting(
+        1800.0,
+        _positive_float,
+        "RabbitMQ's consumer_timeout in seconds, to check time limits against",
+    )
+    max_deliveries: int = _setting(
+        5,
+        _positive_int,
+        "deliveries before a message that keeps killing its worker is dead-lettered",
+    )
+    max_body_size: int = _setting(4 << 20, parse_size, "largest task body accepted")
+    max_result_size: int = _setting(8 << 20, parse_size, "largest result body sent")
+    max_depth: int = _setting(32, _positive_int, "deepest nesting of arrays and maps accepted")
+    memory_limit: int = _setting(
+        0, parse_size, "address-space limit per child (0: none); over it a task gets MemoryError"
+    )
+    max_tasks_per_child: int = _setting(
+        0, _non_negative_int, "replace a child after this many tasks (0: never)"
+    )
+    max_memory_per_child: int = _setting(
+        0, parse_size, "replace a child whose RSS grew this much above its baseline (0: never)"
+    )
+    log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
+    broker_url: str = _setting(
+        DEFAULT_BROKER_URL, str, "AMQP URL (env only: HUTCH_BROKER_URL or _FILE)", flag=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.concurrency is None:
+            self.concurrency = usable_cpus()
+
+    @property
+    def prefetch(self) -> int:
+        return self.concurrency + self.prefetch_buffer
+
+
+def env_name(name: str) -> str:
+    return f"HUTCH_{name.upper()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every setting that may appear on a command line."""
+    for f in fields(Settings):
+        if not f.metadata["flag"]:
+            continue
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [env {env_name(f.name)}]",
+        )
+
+
+def load(
+    args: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from flags (raw strings) and the environment; raises `ConfigError`."""
+    args = args or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = args.get(f.name)
+        source = "--" + f.name.replace("_", "-")
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+            source = env_name(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    if "broker_url" not in values and environ.get("HUTCH_BROKER_URL_FILE"):
+        path = environ["HUTCH_BROKER_URL_FILE"]
+        try:
+            with open(path) as url_file:
+                values["broker_url"] = url_file.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc}") from None
+    return Settings(**values)

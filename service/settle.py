@@ -1,0 +1,261 @@
+"""The last stage: turn a job's outcome into broker actions, output first and ack last.
+
+| outcome                          | action                                                     |
+|----------------------------------|------------------------------------------------------------|
+| succeeded                        | result to ``reply_to`` (confirmed), then ack               |
+| raised / timed out, attempts left| copy to a broker-held delay (confirmed), then ack          |
+| raised / timed out, no attempts  | copy to ``Q.dlq`` and error result (confirmed), then ack   |
+| bad input                        | copy to ``Q.dlq`` and error result (confirmed), then ack   |
+| child died while running it      | ``reject(requeue=True)``: counted by the broker            |
+| returned unfinished (drain)      | ``nack(requeue=True)``: not the message's fault            |
+
+If a confirm does not come, the message is handed back to the queue instead of acked: a
+message is never acked before what replaces it is safe. A delivery whose channel has closed is
+left alone, since the broker has already requeued it and any ack would be for a stale tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from service import protocol, topology
+from service.broker import CONNECTION_ERRORS, Publisher, PublishError
+from service.pool import Job, Outcome, OutcomeKind
+from service.protocol import Reason
+from service.registry import TaskSpec
+
+log = logging.getLogger(__name__)
+
+_PUBLISH_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+# Headers the broker owns; a re-published copy carrying an old x-death can be silently dropped
+# by 3.10's dead-letter cycle detection.
+_BROKER_HEADERS = ("x-death", "x-delivery-count", "x-acquired-count")
+_BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+def backoff(spec: TaskSpec, attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential, capped, with equal jitter."""
+    delay = min(spec.retry_backoff * 2.0 ** (attempt - 1), spec.retry_backoff_max)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def _clean_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in headers.items()
+        if k not in _BROKER_HEADERS and not k.startswith(_BROKER_HEADER_PREFIXES)
+    }
+
+
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    # user_id is dropped: the broker refuses one that differs from the publishing connection's.
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
+
+
+def _is_stale(message: AbstractIncomingMessage) -> bool:
+    try:
+        message.channel  # noqa: B018 - raises once the delivering channel has closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
+    return False
+
+
+class Settler:
+    """Settles deliveries of one queue; see the module docstring for the rules."""
+
+    def __init__(self, publisher: Publisher, queue: str) -> None:
+        self.publisher = publisher
+        self.queue = queue
+        self.stale = 0  # deliveries whose channel closed before they could be settled
+
+    async def settle(self, job: Job, outcome: Outcome) -> None:
+        message: AbstractIncomingMessage = job.delivery
+        kind = outcome.kind
+        if kind is OutcomeKind.OK:
+            await self.succeed(message, outcome.payload)
+        elif kind is OutcomeKind.ERROR or kind is OutcomeKind.TIMEOUT:
+            reason = Reason.TIMEOUT if kind is OutcomeKind.TIMEOUT else Reason.FAILED
+            if outcome.retryable and job.attempt < job.spec.max_attempts:
+                log.info(
+                    "task %s (id %s) attempt %d/%d failed: %s: %s; retrying",
+                    job.spec.name,
+                    job.message_id,
+                    job.attempt,
+                    job.spec.max_attempts,
+                    outcome.error_type,
+                    outcome.error_message,
+                )
+                await self.retry(message, job.attempt + 1, backoff(job.spec, job.attempt))
+            else:
+                log.warning(
+                    "task %s (id %s) failed after %d attempt(s): %s: %s; dead-lettered",
+                    job.spec.name,
+                    job.message_id,
+                    job.attempt,
+                    outcome.error_type,
+                    outcome.error_message,
+                )
+                await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
+        elif kind is OutcomeKind.REJECTED:
+            assert outcome.reason is not None
+            await self.dead_letter(
+                message, outcome.reason, outcome.error_type, outcome.error_message
+            )
+        elif kind is OutcomeKind.CRASHED:
+            await self.requeue(message, counted=True)
+        else:
+            await self.requeue(message, counted=False)
+
+    async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
+        if _is_stale(message):
+            self.stale += 1
+            return
+        if message.reply_to and payload is not None:
+            try:
+                await self._reply(message, payload)
+            except PublishError as exc:
+                log.warning("result of %s not confirmed (%s); requeueing", message.message_id, exc)
+                await self.requeue(message, counted=False)
+                return
+        await self._ack(message)
+
+    async def retry(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> None:
+        if _is_stale(message):
+            self.stale += 1
+            return
+        headers = _clean_headers(dict(message.headers))
+        headers[protocol.ATTEMPT_HEADER] = attempt
+        exchange, routing_key = topology.delay_routing_key(self.queue, delay)
+        try:
+            await self._publish(_copy(message, headers), routing_key, exchange=exchange)
+        except PublishError as exc:
+            log.warning("retry of %s not confirmed (%s); requeueing", message.message_id, exc)
+            await self.requeue(message, counted=False)
+            return
+        await self._ack(message)
+
+    async def dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        reason: Reason,
+        error_type: str,
+        error_message: str,
+    ) -> None:
+        """Move a message to ``Q.dlq`` with its reason, tell a waiting caller, then ack."""
+        if _is_stale(message):
+            self.stale += 1
+            return
+        headers = _clean_headers(dict(message.headers))
+        headers.update(
+            {
+                protocol.REASON_HEADER: str(reason),
+                protocol.ERROR_TYPE_HEADER: protocol.truncate(error_type),
+                protocol.ERROR_MESSAGE_HEADER: protocol.truncate(error_message),
+                protocol.QUEUE_HEADER: self.queue,
+                protocol.DEAD_AT_HEADER: int(time.time() * 1000),
+            }
+        )
+        try:
+            await self._publish(_copy(message, headers), topology.dlq_name(self.queue))
+            if message.reply_to:
+                content_type = message.content_type
+                if content_type not in protocol.CONTENT_TYPES:
+                    content_type = protocol.JSON
+                body = protocol.error_result(content_type, error_type, error_message)
+                await self._reply(message, body, content_type)
+        except PublishError as exc:
+            log.warning("dead letter %s not confirmed (%s); requeueing", message.message_id, exc)
+            await self.requeue(message, counted=False)
+            return
+        await self._ack(message)
+
+    async def requeue(self, message: AbstractIncomingMessage, *, counted: bool) -> None:
+        """Hand a message back. ``counted`` uses reject, which 4.3+ counts toward the limit."""
+        if _is_stale(message):
+            self.stale += 1
+            return
+        try:
+            if counted:
+                await message.reject(requeue=True)
+            else:
+                await message.nack(requeue=True)
+        except CONNECTION_ERRORS:
+            self.stale += 1
+
+    async def _reply(
+        self, message: AbstractIncomingMessage, body: bytes, content_type: str | None = None
+    ) -> None:
+        assert message.reply_to is not None
+        await self._publish(
+            aio_pika.Message(
+                body,
+                content_type=content_type or message.content_type,
+                correlation_id=message.correlation_id or message.message_id,
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            ),
+            message.reply_to,
+            mandatory=False,  # a caller that went away must not block the ack
+        )
+
+    async def _publish(
+        self,
+        message: aio_pika.Message,
+        routing_key: str,
+        *,
+        exchange: str = "",
+        mandatory: bool = True,
+    ) -> None:
+        """Publish with a few quick retries before giving up on this delivery.
+
+        A refused publish (a full reply queue, a blocked connection) is usually brief. Retrying
+        here keeps the finished task's output, where requeueing at once would re-run the task
+        in a hot loop and burn the message's delivery count.
+        """
+        for delay in _PUBLISH_RETRY_DELAYS:
+            try:
+                await self.publisher.publish(
+                    message, routing_key, exchange=exchange, mandatory=mandatory
+                )
+                return
+            except PublishError as exc:
+                log.info("publish to %r failed (%s); retrying in %gs", routing_key, exc, delay)
+            await asyncio.sleep(delay)
+        await self.publisher.publish(message, routing_key, exchange=exchange, mandatory=mandatory)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except CONNECTION_ERRORS:
+            # The channel closed between the publish and the ack: the broker redelivers it.
+            self.stale += 1
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    value = message.headers.get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    value = message.headers.get(protocol.ATTEMPT_HEADER, 1)
+    return value if isinstance(value, int) and value >= 1 else 1

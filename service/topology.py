@@ -1,0 +1,109 @@
+"""Queues, dead-letter queues and broker-held delays, declared the same way by every host.
+
+For a work queue ``Q``:
+
+- ``Q``: a durable quorum queue with an explicit ``x-delivery-limit`` (3.10-3.13 have none; 4.x
+  defaults to 20 and drops without a dead-letter exchange) that dead-letters to ``Q.dlq``
+  through the default exchange, at least once.
+- ``Q.dlq``: a durable quorum queue holding dead letters with their reason headers.
+
+Delays (retry backoff) are held by the broker in 28 quorum queues ``hutch.delay.{L}`` with TTL
+2**L seconds, chained by dead-lettering: the delay in whole seconds is written as 28 binary
+digits in front of the routing key, and a message waits only in the levels whose bit is 1.
+A message leaves level 0 into the topic exchange ``hutch.deliver``, where ``Q`` is bound with an
+exact 28-word pattern (a ``#`` pattern would also match queues whose names end in ``.Q``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
+
+# Must be identical on every host and in every publisher that declares the queue: a mismatch is
+# refused by the broker with PRECONDITION_FAILED. hutch dead-letters poison messages itself
+# well before this (``--max-deliveries``); this limit is the broker's backstop.
+BROKER_DELIVERY_LIMIT: Final = 20
+DELAY_LEVELS: Final = 28
+MAX_DELAY: Final = 2**DELAY_LEVELS - 1
+DELIVER_EXCHANGE: Final = "hutch.deliver"
+DELAY_PREFIX: Final = "hutch.delay."
+FORBIDDEN_IN_NAMES: Final = frozenset("*#")
+
+
+def dlq_name(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The exact arguments of a work queue, for publishers that declare it themselves."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": BROKER_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq_name(queue),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+DLQ_ARGUMENTS: Final[dict[str, Any]] = {"x-queue-type": "quorum"}
+
+
+def check_queue_name(queue: str) -> None:
+    """Refuse names the delay routing cannot carry (it uses topic patterns)."""
+    if not queue or any(ch in FORBIDDEN_IN_NAMES for ch in queue):
+        raise ValueError(f"queue name {queue!r} must be non-empty and contain no '*' or '#'")
+    if len(queue.encode()) > 255 - 2 * DELAY_LEVELS - 4:
+        raise ValueError(f"queue name {queue!r} is too long (at most 195 bytes)")
+
+
+def delay_exchange(level: int) -> str:
+    return f"{DELAY_PREFIX}{level}"
+
+
+def delay_routing_key(queue: str, seconds: float) -> tuple[str, str]:
+    """Exchange and routing key that deliver to ``queue`` after ``seconds`` (rounded up)."""
+    delay = min(max(1, math.ceil(seconds)), MAX_DELAY)
+    bits = format(delay, f"0{DELAY_LEVELS}b")
+    return delay_exchange(DELAY_LEVELS - 1), ".".join(bits) + "." + queue
+
+
+async def declare_delays(channel: AbstractChannel) -> None:
+    """Declare the shared delay levels and the deliver exchange (idempotent)."""
+    deliver = await channel.declare_exchange(DELIVER_EXCHANGE, ExchangeType.TOPIC, durable=True)
+    below = deliver
+    for level in range(DELAY_LEVELS):
+        exchange = await channel.declare_exchange(
+            delay_exchange(level), ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(
+            delay_exchange(level),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": (2**level) * 1000,
+                "x-dead-letter-exchange": below.name,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        skip = ["*"] * (DELAY_LEVELS - 1 - level)
+        await queue.bind(exchange, ".".join([*skip, "1", "#"]))
+        await below.bind(exchange, ".".join([*skip, "0", "#"]))
+        below = exchange
+
+
+async def declare_queue(channel: AbstractChannel, queue: str) -> AbstractQueue:
+    """Declare ``queue`` and ``queue.dlq`` and bind ``queue`` for delayed delivery."""
+    check_queue_name(queue)
+    await channel.declare_queue(dlq_name(queue), durable=True, arguments=DLQ_ARGUMENTS)
+    work = await channel.declare_queue(queue, durable=True, arguments=queue_arguments(queue))
+    await work.bind(DELIVER_EXCHANGE, ".".join(["*"] * DELAY_LEVELS + [queue]))
+    return work
+
+
+async def declare(channel: AbstractChannel, queue: str) -> AbstractQueue:
+    await declare_delays(channel)
+    return await declare_queue(channel, queue)

@@ -1,0 +1,171 @@
+"""The worker: wires consumer → pool → settler and owns start-up and the SIGTERM drain.
+
+Drain, in order: stop receiving (basic.cancel); hand back deliveries that have not started
+(nack, uncounted); let running tasks finish until ``drain_timeout``, settling each as usual;
+then kill what is still running and hand it back too; close; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.broker import Publisher, safe_url
+from service.consumer import Consumer, Refusal, admit
+from service.pool import Job, Outcome, Pool
+from service.registry import import_task_modules, registered
+from service.settings import Settings
+from service.settle import Settler
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
+        self.publisher = Publisher(settings.broker_url, name=name + " publish")
+        self.settler = Settler(self.publisher, settings.queue)
+        self.consumer = Consumer(
+            settings.broker_url,
+            settings.queue,
+            prefetch=settings.prefetch,
+            on_message=self._on_message,
+            name=name + " consume",
+        )
+        self.pool: Pool | None = None
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._deadline_now = asyncio.Event()
+        self._settling: set[asyncio.Task[None]] = set()
+
+    # -- flow -----------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self.draining or self.pool is None:
+            await self.settler.requeue(message, counted=False)
+            return
+        verdict = admit(
+            message,
+            max_body_size=self.settings.max_body_size,
+            max_deliveries=self.settings.max_deliveries,
+        )
+        if isinstance(verdict, Refusal):
+            log.warning(
+                "dead-lettering message %s: %s (%s)",
+                message.message_id,
+                verdict.reason,
+                verdict.detail,
+            )
+            await self.settler.dead_letter(message, verdict.reason, verdict.reason, verdict.detail)
+            return
+        self.pool.submit(verdict)
+
+    def _on_done(self, job: Job, outcome: Outcome) -> None:
+        task = asyncio.get_running_loop().create_task(self.settler.settle(job, outcome))
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling failed", exc_info=task.exception())
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def check_limits(self) -> None:
+        """Warn about time limits the broker's consumer_timeout would cut short."""
+        budget = self.settings.consumer_timeout - 60
+        for spec in registered().values():
+            limit = spec.time_limit or self.settings.time_limit
+            if limit > budget:
+                log.warning(
+                    "task %s has a hard time limit of %gs, but RabbitMQ's consumer_timeout "
+                    "(%gs assumed; set --consumer-timeout to what the broker uses) closes the "
+                    "channel of any delivery unacked that long: keep limits below %gs",
+                    spec.name,
+                    limit,
+                    self.settings.consumer_timeout,
+                    budget,
+                )
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: returning running tasks now")
+            self._deadline_now.set()
+        self._stop.set()
+
+    async def run(self) -> int:
+        s = self.settings
+        import_task_modules(s.tasks)
+        if not registered():
+            log.error("no @task functions found in %s", ", ".join(s.tasks))
+            return 2
+        self.check_limits()
+        self.pool = Pool(
+            s.tasks,
+            size=s.concurrency,
+            on_done=self._on_done,
+            time_limit=s.time_limit,
+            max_depth=s.max_depth,
+            max_result_size=s.max_result_size,
+            memory_limit=s.memory_limit,
+            max_tasks_per_child=s.max_tasks_per_child,
+            max_memory_per_child=s.max_memory_per_child,
+        )
+        await self.pool.start()
+        log.info(
+            "hutch worker: %d children, queue %r, tasks %s, broker %s",
+            s.concurrency,
+            s.queue,
+            ", ".join(sorted(registered())),
+            safe_url(s.broker_url),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        consuming = loop.create_task(self.consumer.run())
+        try:
+            await self._stop.wait()
+            await self.drain()
+        finally:
+            self.consumer.close()
+            await consuming
+            await self.publisher.close()
+            await self.pool.close()
+        return 0
+
+    async def drain(self) -> None:
+        assert self.pool is not None
+        pool = self.pool
+        self.draining = True
+        log.info("draining: no new tasks; up to %gs for running ones", self.settings.drain_timeout)
+        await self.consumer.pause()
+        for job in pool.take_pending():
+            await self.settler.requeue(job.delivery, counted=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while pool.running and loop.time() < deadline and not self._deadline_now.is_set():
+            await _wait_any(self._deadline_now, min(0.05, deadline - loop.time()))
+        if pool.running:
+            log.warning("drain deadline passed: returning %d running task(s)", pool.running)
+            pool.abort_running()
+            while pool.running:
+                await asyncio.sleep(0.01)
+        while self._settling:
+            await asyncio.wait(list(self._settling))
+        log.info("drained")
+
+
+async def _wait_any(event: asyncio.Event, timeout: float) -> Any:
+    try:
+        async with asyncio.timeout(max(timeout, 0)):
+            await event.wait()
+    except TimeoutError:
+        pass
