@@ -214,7 +214,7 @@ class AsyncClient:
                 future.set_exception(
                     TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
                 )
-        except (protocol.ProtocolError, AttributeError) as exc:
+        except (protocol.ProtocolError, AttributeError, TypeError) as exc:
             future.set_exception(HutchError(f"unreadable result: {exc}"))
 
     def _on_close(self, *_: Any) -> None:

@@ -106,12 +106,14 @@ class Consumer:
         *,
         prefetch: int,
         on_message: Callable[[AbstractIncomingMessage], Any],
+        on_lost: Callable[[], None] = lambda: None,
         name: str = "hutch-worker",
     ) -> None:
         self._url = url
         self._queue_name = queue
         self._prefetch = prefetch
         self._on_message = on_message
+        self._on_lost = on_lost
         self._name = name
         self._wake = asyncio.Event()
         self._paused = False
@@ -155,8 +157,10 @@ class Consumer:
             lost = asyncio.Event()
 
             def on_lost(*_: Any) -> None:
-                lost.set()
-                self._wake.set()
+                if not lost.is_set():
+                    lost.set()
+                    self._wake.set()
+                    self._on_lost()
 
             connection.close_callbacks.add(on_lost)
             channel = await connection.channel(publisher_confirms=False)

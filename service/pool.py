@@ -74,6 +74,7 @@ class Job:
 class RestartReason(Enum):
     CRASH = "crash"
     TIMEOUT = "timeout"
+    ABORT = "abort"  # its job was abandoned (the delivery's connection was lost)
     RECYCLE_TASKS = "recycle_tasks"
     RECYCLE_MEMORY = "recycle_memory"
 
@@ -195,12 +196,26 @@ class Pool:
         self._pending.clear()
         return jobs
 
-    def abort_running(self) -> None:
-        """Kill every child; their jobs are reported RETURNED (the drain deadline passed)."""
+    def abort(self, doomed: Callable[[Job], bool]) -> None:
+        """Abandon every job for which ``doomed(job)`` is true, reporting it RETURNED.
+
+        Waiting jobs are dropped; a child running one is killed and replaced.
+        """
+        dropped = [job for job in self._pending if doomed(job)]
+        if dropped:
+            self._pending = deque(job for job in self._pending if not doomed(job))
+        for job in dropped:
+            self._on_done(job, Outcome(OutcomeKind.RETURNED))
         for child in self._children:
-            child.aborting = True
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.kill()
+            if child.jobs and not child.aborting and doomed(child.jobs[0]):
+                child.aborting = True
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+
+    def abort_running(self) -> None:
+        """Kill every child without replacing it (the drain deadline passed)."""
+        self._closing = True
+        self.abort(lambda job: True)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the children: idle ones exit on EOF; stragglers are killed after ``timeout``."""
@@ -383,7 +398,7 @@ class Pool:
         self._children.discard(child)
         jobs = child.jobs
         if child.aborting:
-            reason = None
+            reason = RestartReason.ABORT
             for job in jobs:
                 self._on_done(job, Outcome(OutcomeKind.RETURNED))
         elif jobs:

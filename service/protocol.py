@@ -99,7 +99,7 @@ def decode(content_type: str, body: bytes, *, max_depth: int | None = DEFAULT_MA
         raise
     except (msgpack.StackError, RecursionError) as exc:
         raise ProtocolError(Reason.TOO_DEEP, "nesting too deep to decode") from exc
-    except (ValueError, TypeError) as exc:  # msgpack and json errors, bad UTF-8
+    except (ValueError, TypeError, OverflowError) as exc:  # also bad UTF-8, huge timestamps
         what = str(exc) or type(exc).__name__
         raise ProtocolError(Reason.MALFORMED, f"cannot decode {content_type}: {what}") from exc
     if max_depth is not None:

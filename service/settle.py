@@ -73,7 +73,8 @@ def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika
     )
 
 
-def _is_stale(message: AbstractIncomingMessage) -> bool:
+def is_stale(message: AbstractIncomingMessage) -> bool:
+    """True once the channel that delivered ``message`` has closed."""
     try:
         message.channel  # noqa: B018 - raises once the delivering channel has closed
     except aio_pika.exceptions.ChannelInvalidStateError:
@@ -128,7 +129,7 @@ class Settler:
             await self.requeue(message, counted=False)
 
     async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
-        if _is_stale(message):
+        if is_stale(message):
             self.stale += 1
             return
         if message.reply_to and payload is not None:
@@ -141,7 +142,7 @@ class Settler:
         await self._ack(message)
 
     async def retry(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> None:
-        if _is_stale(message):
+        if is_stale(message):
             self.stale += 1
             return
         headers = _clean_headers(dict(message.headers))
@@ -163,7 +164,7 @@ class Settler:
         error_message: str,
     ) -> None:
         """Move a message to ``Q.dlq`` with its reason, tell a waiting caller, then ack."""
-        if _is_stale(message):
+        if is_stale(message):
             self.stale += 1
             return
         headers = _clean_headers(dict(message.headers))
@@ -192,7 +193,7 @@ class Settler:
 
     async def requeue(self, message: AbstractIncomingMessage, *, counted: bool) -> None:
         """Hand a message back. ``counted`` uses reject, which 4.3+ counts toward the limit."""
-        if _is_stale(message):
+        if is_stale(message):
             self.stale += 1
             return
         try:

@@ -21,7 +21,7 @@ from service.consumer import Consumer, Refusal, admit
 from service.pool import Job, Outcome, Pool
 from service.registry import import_task_modules, registered
 from service.settings import Settings
-from service.settle import Settler
+from service.settle import Settler, is_stale
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Worker:
             settings.queue,
             prefetch=settings.prefetch,
             on_message=self._on_message,
+            on_lost=self._on_connection_lost,
             name=name + " consume",
         )
         self.pool: Pool | None = None
@@ -66,6 +67,12 @@ class Worker:
             await self.settler.dead_letter(message, verdict.reason, verdict.reason, verdict.detail)
             return
         self.pool.submit(verdict)
+
+    def _on_connection_lost(self) -> None:
+        # A delivery from a closed channel can never be acked, and the broker has already
+        # requeued it: stop its job now rather than finish work whose result is discarded.
+        if self.pool is not None:
+            self.pool.abort(lambda job: is_stale(job.delivery))
 
     def _on_done(self, job: Job, outcome: Outcome) -> None:
         task = asyncio.get_running_loop().create_task(self.settler.settle(job, outcome))

@@ -285,7 +285,6 @@ async def start_worker(
     workers: list[WorkerProcess] = []
 
     async def start(*args: str, wait: bool = True, **env: str) -> WorkerProcess:
-        before = await broker.consumers(queue)
         w = WorkerProcess(
             vhost,
             queue,
@@ -296,12 +295,9 @@ async def start_worker(
         ).start()
         workers.append(w)
         if wait:
-
-            async def consuming() -> bool:
-                return await broker.consumers(queue) > before
-
+            # The worker logs this line once basic.consume is confirmed by the broker.
             deadline = time.monotonic() + 30
-            while not await consuming():
+            while "consuming from" not in w.log():
                 if w.proc is not None and w.proc.poll() is not None:
                     raise RuntimeError(f"worker exited early:\n{w.log()}")
                 if time.monotonic() > deadline:
