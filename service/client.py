@@ -206,7 +206,9 @@ class AsyncClient:
         if future is None or future.done():
             return  # a late or duplicate result (tasks run at least once)
         try:
-            envelope = protocol.decode(message.content_type or "", message.body, max_depth=None)
+            envelope = protocol.decode(
+                message.content_type or "", message.body, max_depth=None, string_keys=False
+            )
             if envelope.get("ok"):
                 future.set_result(envelope.get("result"))
             else:

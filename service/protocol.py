@@ -25,7 +25,6 @@ CONTENT_TYPES: Final = frozenset({MSGPACK, JSON})
 TASK_HEADER: Final = "task"
 ATTEMPT_HEADER: Final = "x-hutch-attempt"
 REASON_HEADER: Final = "x-hutch-reason"
-DETAIL_HEADER: Final = "x-hutch-detail"
 ERROR_TYPE_HEADER: Final = "x-hutch-error-type"
 ERROR_MESSAGE_HEADER: Final = "x-hutch-error-message"
 QUEUE_HEADER: Final = "x-hutch-queue"
@@ -68,6 +67,10 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(Reason.MALFORMED, f"msgpack extension type {code} is not allowed")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _check_depth(value: Any, max_depth: int) -> None:
     # Iterative, so a hostile depth cannot exhaust the C stack here either.
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -84,15 +87,27 @@ def _check_depth(value: Any, max_depth: int) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
-def decode(content_type: str, body: bytes, *, max_depth: int | None = DEFAULT_MAX_DEPTH) -> Any:
-    """Decode a body of an allowed content type, enforcing the nesting cap (None: no cap)."""
+def decode(
+    content_type: str,
+    body: bytes,
+    *,
+    max_depth: int | None = DEFAULT_MAX_DEPTH,
+    string_keys: bool = True,
+) -> Any:
+    """Decode a body of an allowed content type.
+
+    ``max_depth`` caps nesting (None: no cap). ``string_keys=False`` lets msgpack maps keep
+    other key types, for results: a task may return ``{1: "a"}``, a request may not.
+    """
     try:
         if content_type == MSGPACK:
             value = msgpack.unpackb(
-                body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=3
+                body, raw=False, strict_map_key=string_keys, ext_hook=_refuse_ext, timestamp=3
             )
         elif content_type == JSON:
-            value = json.loads(body)
+            # Strict RFC 8259: UTF-8 only, and no NaN/Infinity, which JSON.parse and most other
+            # parsers reject; what hutch accepts, every publisher can produce.
+            value = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
         else:
             raise ProtocolError(Reason.BAD_CONTENT_TYPE, f"content type {content_type!r}")
     except ProtocolError:
@@ -135,7 +150,9 @@ def encode(content_type: str, value: Any) -> bytes:
         if content_type == MSGPACK:
             return msgpack.packb(value, datetime=True)  # type: ignore[no-any-return]
         if content_type == JSON:
-            return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+            return json.dumps(
+                value, separators=(",", ":"), default=_json_default, allow_nan=False
+            ).encode()
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise EncodeError(f"cannot encode as {content_type}: {exc}") from exc
     raise EncodeError(f"unsupported content type {content_type!r}")

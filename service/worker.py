@@ -87,8 +87,22 @@ class Worker:
     # -- life cycle -----------------------------------------------------------------------
 
     def check_limits(self) -> None:
-        """Warn about time limits the broker's consumer_timeout would cut short."""
+        """Warn about time limits the broker's consumer_timeout would cut short.
+
+        AMQP does not expose the broker's consumer_timeout, so it is taken from the setting
+        (default: RabbitMQ's default of 30 min) and said so at start-up.
+        """
         budget = self.settings.consumer_timeout - 60
+        longest = max(
+            (spec.time_limit or self.settings.time_limit for spec in registered().values()),
+            default=self.settings.time_limit,
+        )
+        log.info(
+            "RabbitMQ's consumer_timeout cannot be read over AMQP: assuming %gs "
+            "(--consumer-timeout); the longest hard time limit is %gs",
+            self.settings.consumer_timeout,
+            longest,
+        )
         for spec in registered().values():
             limit = spec.time_limit or self.settings.time_limit
             if limit > budget:

@@ -340,12 +340,26 @@ def test_encode_request_unencodable_argument() -> None:
     ("value", "token"),
     [(float("nan"), b"NaN"), (float("inf"), b"Infinity"), (float("-inf"), b"-Infinity")],
 )
-def test_json_non_finite_floats_use_the_documented_tokens(value: float, token: bytes) -> None:
-    # docs/protocol.md §5.4: written as the non-standard tokens, and accepted back (§4.1).
-    assert protocol.encode(JSON, value) == token
-    assert protocol.encode(JSON, {"r": value}) == b'{"r":' + token + b"}"
-    back = protocol.decode(JSON, token)
-    assert back == value or (back != back and value != value)
+def test_json_non_finite_floats_are_refused_both_ways(value: float, token: bytes) -> None:
+    # docs/protocol.md §4.1 and §5.4: strict JSON, which every publisher's parser accepts.
+    with pytest.raises(EncodeError):
+        protocol.encode(JSON, {"r": value})
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(JSON, b'{"args": [' + token + b"]}")
+    assert info.value.reason is Reason.MALFORMED
+
+
+def test_json_must_be_utf8() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(JSON, '{"args": [1]}'.encode("utf-16"))
+    assert info.value.reason is Reason.MALFORMED
+
+
+def test_results_may_have_non_string_keys() -> None:
+    body = protocol.ok_result(MSGPACK, {1: "a"})
+    assert protocol.decode(MSGPACK, body, string_keys=False) == {"ok": True, "result": {1: "a"}}
+    with pytest.raises(ProtocolError):
+        protocol.decode(MSGPACK, body)
 
 
 # -- result envelopes ------------------------------------------------------------------------
