@@ -25,6 +25,10 @@ HEARTBEAT = 5
 class PublishError(Exception):
     """The broker did not confirm a publish (nack, return, timeout or lost connection)."""
 
+    def __init__(self, message: str, *, unroutable: bool = False) -> None:
+        super().__init__(message)
+        self.unroutable = unroutable
+
 
 def safe_url(url: str) -> str:
     """The URL with any password masked, for logs and errors."""
@@ -108,7 +112,9 @@ class Publisher:
             await self._drop()
             raise PublishError(f"no confirm within {self._timeout:g}s") from exc
         except aio_pika.exceptions.PublishError as exc:  # a subclass of DeliveryError
-            raise PublishError(f"the message was returned as unroutable: {exc}") from exc
+            raise PublishError(
+                f"the message was returned as unroutable: {exc}", unroutable=True
+            ) from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"the broker refused the message: {exc}") from exc
         except CONNECTION_ERRORS as exc:

@@ -241,8 +241,18 @@ class Settler:
                 return
             except PublishError as exc:
                 log.info("publish to %r failed (%s); retrying in %gs", routing_key, exc, delay)
+                if exc.unroutable and routing_key == topology.dlq_name(self.queue):
+                    await self._declare_queues()
             await asyncio.sleep(delay)
         await self.publisher.publish(message, routing_key, exchange=exchange, mandatory=mandatory)
+
+    async def _declare_queues(self) -> None:
+        """Someone deleted ``Q.dlq`` (or its queue): declare both again so dead letters land."""
+        try:
+            await topology.declare_queue(await self.publisher.channel(), self.queue)
+            log.warning("declared %r and its dead-letter queue again", self.queue)
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not declare %r again: %r", self.queue, exc)
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:

@@ -140,7 +140,13 @@ class Broker:
 
     async def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Take every ready message from a queue (acked: they are gone afterwards)."""
-        q = await self.channel.declare_queue(queue, passive=True)
+        try:
+            q = await self.channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # the queue does not exist (yet)
+            self.channel = await self.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            return []
         messages = []
         while (message := await q.get(fail=False, no_ack=True)) is not None:
             messages.append(message)

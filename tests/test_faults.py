@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from service import AsyncClient, protocol
+from service import AsyncClient, TaskError, protocol
 from tests.conftest import (
     Broker,
     Vhost,
@@ -261,3 +261,28 @@ async def test_broker_restart_reconnects_and_loses_nothing(
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
         assert q.declaration_result.consumer_count == 1, worker.log()
+
+
+async def test_deleted_dead_letter_queue_is_declared_again(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any
+) -> None:
+    worker: WorkerProcess = await start_worker()
+    await broker.channel.queue_delete(f"{queue}.dlq")
+    task_id = await broker.publish(queue, "tests.tasks.nope")
+    dead = await broker.wait_for(f"{queue}.dlq", 1, 15)
+    assert [m.message_id for m in dead] == [task_id], worker.log()
+    assert dead[0].headers[protocol.REASON_HEADER] == "unknown_task"
+
+
+async def test_memory_blow_up_is_a_clean_failure(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any
+) -> None:
+    worker: WorkerProcess = await start_worker("--memory-limit", "512MiB")
+    async with AsyncClient(vhost.url, queue=queue, timeout=30) as client:
+        with pytest.raises(TaskError) as info:
+            await client.call("tests.tasks.hog_memory", 2)
+        assert info.value.type == "MemoryError"
+        assert await client.call("tests.tasks.add", 1, 2) == 3
+    assert worker.proc is not None and worker.proc.poll() is None
+    dead = await broker.wait_for(f"{queue}.dlq", 1, 10)
+    assert dead and dead[0].headers[protocol.ERROR_TYPE_HEADER] == "MemoryError"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import sys
 import time
 import uuid
+from asyncio.subprocess import PIPE
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +279,65 @@ async def test_worker_publishes_no_earlier_than_it_should(
         await start_worker()
         assert await pending == 42
         assert time.monotonic() - started < 30
+
+
+async def test_hutch_call_prints_the_result(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any
+) -> None:
+    await start_worker()
+    env = {**os.environ, "HUTCH_BROKER_URL": vhost.url}
+    ok = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "call",
+        "tests.tasks.add",
+        "2",
+        "3.5",
+        "--queue",
+        queue,
+        "--timeout",
+        "30",
+        env=env,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    out, err = await ok.communicate()
+    assert ok.returncode == 0, err
+    assert json.loads(out) == 5.5
+    text = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "call",
+        "tests.tasks.add",
+        "a",
+        "b",
+        "--json",
+        "--queue",
+        queue,
+        "--timeout",
+        "30",
+        env=env,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    out, err = await text.communicate()
+    assert text.returncode == 0 and json.loads(out) == "ab"
+    failed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "call",
+        "tests.tasks.unpicklable_error",
+        "--queue",
+        queue,
+        "--timeout",
+        "30",
+        env=env,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    out, err = await failed.communicate()
+    assert failed.returncode == 1
+    assert b"NeedsTwoArgs" in err and b"Traceback" not in err
