@@ -122,13 +122,13 @@ class Consumer:
         self._tag: str | None = None
         self.consuming = False
         self.connected = False
+        self._ever_connected = False
         self.reconnects = 0
         self.started = asyncio.Event()  # set once the first consumer is registered
 
     async def run(self) -> None:
         """Consume until `close`; reconnects forever with capped, jittered backoff."""
         delay = _BACKOFF_START
-        first = True
         while not self._closed:
             try:
                 await self._session()
@@ -145,9 +145,6 @@ class Consumer:
             self.consuming = self.connected = False
             if self._closed:
                 return
-            if not first:
-                self.reconnects += 1
-            first = False
             await self._sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, _BACKOFF_MAX)
 
@@ -175,7 +172,9 @@ class Consumer:
 
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
-            self.connected = True
+            if self._ever_connected:
+                self.reconnects += 1
+            self.connected = self._ever_connected = True
             while not lost.is_set() and not self._closed:
                 if not self._paused and not self.consuming:
                     cancelled.clear()

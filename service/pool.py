@@ -68,7 +68,8 @@ class Job:
     want_result: bool
     delivery: Any
     id: int = 0
-    started: float = 0.0
+    started: float = 0.0  # loop time when sent to a child; 0 until then
+    cpu_seconds: float = 0.0  # CPU the child spent on it, once finished
 
 
 class RestartReason(Enum):
@@ -149,6 +150,8 @@ class Pool:
         self._ids = itertools.count(1)
         self._closing = False
         self._respawns: set[asyncio.Task[None]] = set()
+        self._retired_cpu = 0.0
+        self.respawn_failures = 0  # consecutive failures to start a replacement child
         self._loop = asyncio.get_running_loop()
 
     # -- public surface -------------------------------------------------------------------
@@ -186,9 +189,16 @@ class Pool:
     def child_pids(self) -> list[int]:
         return sorted(c.pid for c in self._children)
 
-    def child_stats(self) -> list[tuple[int, float, int]]:
-        """``(pid, cpu_seconds, rss_bytes)`` per child, as last reported."""
-        return [(c.pid, c.cpu_seconds, c.rss) for c in self._children]
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def cpu_seconds(self) -> float:
+        """CPU used by all children so far, retired ones included, as last reported."""
+        return self._retired_cpu + sum(c.cpu_seconds for c in self._children)
+
+    def resident_bytes(self) -> int:
+        return sum(c.rss for c in self._children)
 
     def take_pending(self) -> list[Job]:
         """Remove and return the jobs that have not started (for a drain)."""
@@ -295,6 +305,7 @@ class Pool:
             try:
                 child = await self._spawn()
             except (PoolStartError, OSError) as exc:
+                self.respawn_failures += 1
                 log.error("could not replace a pool child: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RESPAWN_BACKOFF_MAX)
@@ -303,6 +314,7 @@ class Pool:
                 self._close_stdin(child)
                 await child.proc.wait()
                 return
+            self.respawn_failures = 0
             self._adopt(child)
             return
 
@@ -375,6 +387,7 @@ class Pool:
             child.timer.cancel()
             child.timer = None
         child.tasks_done += 1
+        job.cpu_seconds = max(0.0, result.cpu_seconds - child.cpu_seconds)
         child.cpu_seconds = result.cpu_seconds
         child.rss = result.rss_bytes
         if child.tasks_done == 1:
@@ -396,6 +409,7 @@ class Pool:
         if child.timer is not None:
             child.timer.cancel()
         self._children.discard(child)
+        self._retired_cpu += child.cpu_seconds
         jobs = child.jobs
         if child.aborting:
             reason = RestartReason.ABORT

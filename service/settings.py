@@ -16,6 +16,7 @@ from typing import Any
 
 from service.cpus import usable_cpus
 from service.errors import ConfigError
+from service.httpserver import parse_addr
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 
@@ -58,6 +59,13 @@ def _modules(text: str) -> list[str]:
     if not modules:
         raise ValueError("name at least one module, e.g. --tasks myapp.tasks")
     return modules
+
+
+def _addr(text: str) -> str:
+    if text.strip().lower() == "off":
+        return "off"
+    parse_addr(text)
+    return text.strip()
 
 
 def _log_level(text: str) -> str:
@@ -114,6 +122,9 @@ class Settings:
     )
     max_memory_per_child: int = _setting(
         0, parse_size, "replace a child whose RSS grew this much above its baseline (0: never)"
+    )
+    metrics_addr: str = _setting(
+        "127.0.0.1:9808", _addr, "HOST:PORT for /metrics, /livez and /readyz ('off' disables)"
     )
     log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
     broker_url: str = _setting(

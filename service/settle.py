@@ -20,6 +20,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import aio_pika
@@ -82,33 +84,68 @@ def is_stale(message: AbstractIncomingMessage) -> bool:
     return False
 
 
-class Settler:
-    """Settles deliveries of one queue; see the module docstring for the rules."""
+class Action(StrEnum):
+    """What happens to a delivery; also the ``action`` label of hutch_messages_settled_total."""
 
-    def __init__(self, publisher: Publisher, queue: str) -> None:
+    ACK = "ack"  # succeeded: result confirmed (if wanted), then ack
+    RETRY = "retry"  # copy confirmed into a broker-held delay, then ack
+    DEAD_LETTER = "dead_letter"  # copy confirmed into Q.dlq, then ack
+    REQUEUE = "requeue"  # reject(requeue=True): counted against the delivery limit
+    RETURN = "return"  # nack(requeue=True): handed back through no fault of its own
+    STALE = "stale"  # its channel closed first; the broker has requeued it already
+
+
+def decide(job: Job, outcome: Outcome) -> Action:
+    """The settle rule for one outcome (see the module docstring's table)."""
+    kind = outcome.kind
+    if kind is OutcomeKind.OK:
+        return Action.ACK
+    if kind is OutcomeKind.ERROR or kind is OutcomeKind.TIMEOUT:
+        if outcome.retryable and job.attempt < job.spec.max_attempts:
+            return Action.RETRY
+        return Action.DEAD_LETTER
+    if kind is OutcomeKind.REJECTED:
+        return Action.DEAD_LETTER
+    if kind is OutcomeKind.CRASHED:
+        return Action.REQUEUE
+    return Action.RETURN
+
+
+class Settler:
+    """Carries out settle decisions for one queue; ``on_settled(action, reason)`` is told what
+    actually happened to each delivery (a publish that fails turns a decision into RETURN)."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        queue: str,
+        *,
+        on_settled: Callable[[str, str | None], None] = lambda action, reason: None,
+    ) -> None:
         self.publisher = publisher
         self.queue = queue
-        self.stale = 0  # deliveries whose channel closed before they could be settled
+        self._on_settled = on_settled
 
-    async def settle(self, job: Job, outcome: Outcome) -> None:
+    async def settle(self, job: Job, outcome: Outcome, action: Action) -> None:
         message: AbstractIncomingMessage = job.delivery
-        kind = outcome.kind
-        if kind is OutcomeKind.OK:
+        if action is Action.ACK:
             await self.succeed(message, outcome.payload)
-        elif kind is OutcomeKind.ERROR or kind is OutcomeKind.TIMEOUT:
-            reason = Reason.TIMEOUT if kind is OutcomeKind.TIMEOUT else Reason.FAILED
-            if outcome.retryable and job.attempt < job.spec.max_attempts:
-                log.info(
-                    "task %s (id %s) attempt %d/%d failed: %s: %s; retrying",
-                    job.spec.name,
-                    job.message_id,
-                    job.attempt,
-                    job.spec.max_attempts,
-                    outcome.error_type,
-                    outcome.error_message,
-                )
-                await self.retry(message, job.attempt + 1, backoff(job.spec, job.attempt))
+        elif action is Action.RETRY:
+            log.info(
+                "task %s (id %s) attempt %d/%d failed: %s: %s; retrying",
+                job.spec.name,
+                job.message_id,
+                job.attempt,
+                job.spec.max_attempts,
+                outcome.error_type,
+                outcome.error_message,
+            )
+            await self.retry(message, job.attempt + 1, backoff(job.spec, job.attempt))
+        elif action is Action.DEAD_LETTER:
+            if outcome.reason is not None:
+                reason = outcome.reason
             else:
+                reason = Reason.TIMEOUT if outcome.kind is OutcomeKind.TIMEOUT else Reason.FAILED
                 log.warning(
                     "task %s (id %s) failed after %d attempt(s): %s: %s; dead-lettered",
                     job.spec.name,
@@ -117,20 +154,13 @@ class Settler:
                     outcome.error_type,
                     outcome.error_message,
                 )
-                await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
-        elif kind is OutcomeKind.REJECTED:
-            assert outcome.reason is not None
-            await self.dead_letter(
-                message, outcome.reason, outcome.error_type, outcome.error_message
-            )
-        elif kind is OutcomeKind.CRASHED:
-            await self.requeue(message, counted=True)
+            await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
         else:
-            await self.requeue(message, counted=False)
+            await self.requeue(message, counted=action is Action.REQUEUE)
 
     async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
         if is_stale(message):
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
             return
         if message.reply_to and payload is not None:
             try:
@@ -139,11 +169,11 @@ class Settler:
                 log.warning("result of %s not confirmed (%s); requeueing", message.message_id, exc)
                 await self.requeue(message, counted=False)
                 return
-        await self._ack(message)
+        await self._ack(message, Action.ACK)
 
     async def retry(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> None:
         if is_stale(message):
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
             return
         headers = _clean_headers(dict(message.headers))
         headers[protocol.ATTEMPT_HEADER] = attempt
@@ -154,7 +184,7 @@ class Settler:
             log.warning("retry of %s not confirmed (%s); requeueing", message.message_id, exc)
             await self.requeue(message, counted=False)
             return
-        await self._ack(message)
+        await self._ack(message, Action.RETRY)
 
     async def dead_letter(
         self,
@@ -165,7 +195,7 @@ class Settler:
     ) -> None:
         """Move a message to ``Q.dlq`` with its reason, tell a waiting caller, then ack."""
         if is_stale(message):
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
             return
         headers = _clean_headers(dict(message.headers))
         headers.update(
@@ -189,12 +219,12 @@ class Settler:
             log.warning("dead letter %s not confirmed (%s); requeueing", message.message_id, exc)
             await self.requeue(message, counted=False)
             return
-        await self._ack(message)
+        await self._ack(message, Action.DEAD_LETTER, reason)
 
     async def requeue(self, message: AbstractIncomingMessage, *, counted: bool) -> None:
         """Hand a message back. ``counted`` uses reject, which 4.3+ counts toward the limit."""
         if is_stale(message):
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
             return
         try:
             if counted:
@@ -202,7 +232,9 @@ class Settler:
             else:
                 await message.nack(requeue=True)
         except CONNECTION_ERRORS:
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
+            return
+        self._on_settled(Action.REQUEUE if counted else Action.RETURN, None)
 
     async def _reply(
         self, message: AbstractIncomingMessage, body: bytes, content_type: str | None = None
@@ -254,12 +286,16 @@ class Settler:
         except CONNECTION_ERRORS as exc:
             log.warning("could not declare %r again: %r", self.queue, exc)
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
+    async def _ack(
+        self, message: AbstractIncomingMessage, action: Action, reason: Reason | None = None
+    ) -> None:
         try:
             await message.ack()
         except CONNECTION_ERRORS:
             # The channel closed between the publish and the ack: the broker redelivers it.
-            self.stale += 1
+            self._on_settled(Action.STALE, None)
+            return
+        self._on_settled(action, reason)
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:

@@ -18,10 +18,22 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from service.broker import Publisher, safe_url
 from service.consumer import Consumer, Refusal, admit
-from service.pool import Job, Outcome, Pool
-from service.registry import import_task_modules, registered
+from service.errors import ConfigError
+from service.httpserver import HealthServer, parse_addr
+from service.metrics import UNKNOWN_TASK, Metrics
+from service.pool import Job, Outcome, OutcomeKind, Pool, RestartReason
+from service.protocol import TASK_HEADER
+from service.registry import import_task_modules, lookup, registered
 from service.settings import Settings
-from service.settle import Settler, is_stale
+from service.settle import Action, Settler, decide, is_stale
+
+_OUTCOME_LABELS = {
+    OutcomeKind.OK: "success",
+    OutcomeKind.ERROR: "failed",
+    OutcomeKind.TIMEOUT: "timeout",
+    OutcomeKind.CRASHED: "crashed",
+    OutcomeKind.REJECTED: "rejected",
+}
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +42,9 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
+        self.metrics = Metrics(settings.queue)
         self.publisher = Publisher(settings.broker_url, name=name + " publish")
-        self.settler = Settler(self.publisher, settings.queue)
+        self.settler = Settler(self.publisher, settings.queue, on_settled=self.metrics.on_settled)
         self.consumer = Consumer(
             settings.broker_url,
             settings.queue,
@@ -45,6 +58,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._deadline_now = asyncio.Event()
         self._settling: set[asyncio.Task[None]] = set()
+        self._health: HealthServer | None = None
 
     # -- flow -----------------------------------------------------------------------------
 
@@ -52,6 +66,10 @@ class Worker:
         if self.draining or self.pool is None:
             await self.settler.requeue(message, counted=False)
             return
+        task = message.headers.get(TASK_HEADER)
+        label = task if isinstance(task, str) and lookup(task) is not None else UNKNOWN_TASK
+        published = message.timestamp.timestamp() if message.timestamp else None
+        self.metrics.on_received(label, bool(message.redelivered), published)
         verdict = admit(
             message,
             max_body_size=self.settings.max_body_size,
@@ -64,6 +82,7 @@ class Worker:
                 verdict.reason,
                 verdict.detail,
             )
+            self.metrics.on_finished(label, "rejected", 0.0, 0.0)
             await self.settler.dead_letter(message, verdict.reason, verdict.reason, verdict.detail)
             return
         self.pool.submit(verdict)
@@ -75,7 +94,16 @@ class Worker:
             self.pool.abort(lambda job: is_stale(job.delivery))
 
     def _on_done(self, job: Job, outcome: Outcome) -> None:
-        task = asyncio.get_running_loop().create_task(self.settler.settle(job, outcome))
+        loop = asyncio.get_running_loop()
+        action = decide(job, outcome)
+        label = _OUTCOME_LABELS.get(outcome.kind)
+        if label is not None:
+            if outcome.kind is OutcomeKind.ERROR and action is Action.RETRY:
+                label = "retried"
+            self.metrics.on_finished(
+                job.spec.name, label, loop.time() - job.started, job.cpu_seconds
+            )
+        task = loop.create_task(self.settler.settle(job, outcome, action))
         self._settling.add(task)
         task.add_done_callback(self._settled)
 
@@ -139,7 +167,22 @@ class Worker:
             memory_limit=s.memory_limit,
             max_tasks_per_child=s.max_tasks_per_child,
             max_memory_per_child=s.max_memory_per_child,
+            on_restart=self._on_restart,
         )
+        for name in registered():
+            self.metrics.add_task(name)
+        self._observe(self.pool)
+        if s.metrics_addr != "off":
+            host, port = parse_addr(s.metrics_addr)
+            self._health = HealthServer(self.metrics.registry, live=self.live, ready=self.ready)
+            try:
+                bound = await self._health.start(host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {s.metrics_addr}: {exc.strerror}; "
+                    "choose another --metrics-addr (or 'off')"
+                ) from None
+            log.info("metrics and probes on http://%s:%d/metrics", *bound[:2])
         await self.pool.start()
         log.info(
             "hutch worker: %d children, queue %r, tasks %s, broker %s",
@@ -160,7 +203,42 @@ class Worker:
             await consuming
             await self.publisher.close()
             await self.pool.close()
+            if self._health is not None:
+                await self._health.close()
         return 0
+
+    def _observe(self, pool: Pool) -> None:
+        state = self.metrics.state
+        state.pool_size = lambda: pool.size
+        state.children_alive = lambda: pool.alive
+        state.in_progress = lambda: pool.running
+        state.prefetched = lambda: pool.waiting
+        state.children_cpu_seconds = pool.cpu_seconds
+        state.children_memory_bytes = pool.resident_bytes
+        state.connected = lambda: self.consumer.connected
+        state.reconnects = lambda: self.consumer.reconnects
+        state.ready = lambda: self.ready()[0]
+
+    def _on_restart(self, reason: RestartReason) -> None:
+        self.metrics.on_restart(reason.value)
+
+    def live(self) -> tuple[bool, str]:
+        """The loop answers (or this would not run) and the pool can run tasks."""
+        pool = self.pool
+        if pool is None:
+            return False, "pool not started"
+        if pool.alive == 0 and pool.respawn_failures >= 3:
+            return False, f"no pool child running; {pool.respawn_failures} restarts failed"
+        return True, f"ok: {pool.alive}/{pool.size} children"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.consumer.connected:
+            return False, "not connected to the broker"
+        if not self.consumer.consuming:
+            return False, "connected but not consuming"
+        return True, "ok: consuming"
 
     async def drain(self) -> None:
         assert self.pool is not None

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,6 +209,7 @@ class WorkerProcess:
             "HUTCH_TASKS": "tests.tasks",
             "HUTCH_QUEUE": self.queue,
             "HUTCH_CONCURRENCY": "2",
+            "HUTCH_METRICS_ADDR": "127.0.0.1:0",  # any free port; see metrics_url()
             "HUTCH_TEST_LOG": str(self.exec_log),
             "PYTHONUNBUFFERED": "1",
             **self.env,
@@ -234,6 +236,12 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics_url(self) -> str:
+        """Base URL of the worker's HTTP endpoints, from its start-up log line."""
+        match = re.search(r"metrics and probes on (http://[\d.]+:\d+)/metrics", self.log())
+        assert match, self.log()
+        return match.group(1)
 
     def send(self, sig: int) -> None:
         os.kill(self.pid, sig)
