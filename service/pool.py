@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from service.logs import task_fields
 from service.pipe import HEADER, READY, JobFrame, Kind, ResultFrame
 from service.protocol import Reason
 from service.registry import TaskSpec
@@ -364,6 +365,7 @@ class Pool:
                 job.spec.name,
                 job.message_id,
                 child.pid,
+                extra=task_fields(job.spec.name, job.message_id, job.attempt),
             )
             child.timed_out = job
             with contextlib.suppress(ProcessLookupError):
@@ -438,6 +440,7 @@ class Pool:
                     _describe_exit(code),
                     first.spec.name,
                     first.message_id,
+                    extra=task_fields(first.spec.name, first.message_id, first.attempt),
                 )
             self._on_done(first, outcome)
             for job in jobs:

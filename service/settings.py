@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from service.cpus import usable_cpus
 from service.errors import ConfigError
@@ -66,6 +67,20 @@ def _addr(text: str) -> str:
         return "off"
     parse_addr(text)
     return text.strip()
+
+
+def _log_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in {"text", "json"}:
+        raise ValueError(f"{text!r} is not text or json")
+    return fmt
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in {"1", "true", "yes", "0", "false", "no"}:
+        raise ValueError(f"{text!r} is not yes or no")
+    return value in {"1", "true", "yes"}
 
 
 def _log_level(text: str) -> str:
@@ -127,6 +142,15 @@ class Settings:
         "127.0.0.1:9808", _addr, "HOST:PORT for /metrics, /livez and /readyz ('off' disables)"
     )
     log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting(
+        "text", _log_format, "text (to stderr) or json (one object per line, to stdout)"
+    )
+    insecure_tls: bool = _setting(
+        False,
+        _yes_no,
+        "accept an amqps:// URL with no_verify_ssl=1 (never in production)",
+        flag=False,
+    )
     broker_url: str = _setting(
         DEFAULT_BROKER_URL, str, "AMQP URL (env only: HUTCH_BROKER_URL or _FILE)", flag=False
     )
@@ -134,10 +158,22 @@ class Settings:
     def __post_init__(self) -> None:
         if self.concurrency is None:
             self.concurrency = usable_cpus()
+        check_tls(self.broker_url, insecure=self.insecure_tls)
 
     @property
     def prefetch(self) -> int:
         return self.concurrency + self.prefetch_buffer
+
+
+def check_tls(url: str, *, insecure: bool) -> None:
+    """amqps:// verifies the server certificate; switching that off takes two explicit steps."""
+    query = parse_qs(urlsplit(url).query)
+    disabled = query.get("no_verify_ssl", ["0"])[-1] not in ("", "0", "false")
+    if urlsplit(url).scheme == "amqps" and disabled and not insecure:
+        raise ConfigError(
+            "the broker URL turns off TLS certificate verification (no_verify_ssl); "
+            "set HUTCH_INSECURE_TLS=yes as well if you really mean it"
+        )
 
 
 def env_name(name: str) -> str:
@@ -145,7 +181,13 @@ def env_name(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every setting that may appear on a command line."""
+    """Add a flag for every setting that may appear on a command line; list the rest."""
+    env_only = [
+        f"{env_name(f.name)}: {f.metadata['help']}"
+        for f in fields(Settings)
+        if not f.metadata["flag"]
+    ]
+    parser.epilog = "Environment only (never on the command line): " + "; ".join(env_only) + "."
     for f in fields(Settings):
         if not f.metadata["flag"]:
             continue

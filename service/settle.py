@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from service import protocol, topology
 from service.broker import CONNECTION_ERRORS, Publisher, PublishError
+from service.logs import task_fields
 from service.pool import Job, Outcome, OutcomeKind
 from service.protocol import Reason
 from service.registry import TaskSpec
@@ -139,6 +140,7 @@ class Settler:
                 job.spec.max_attempts,
                 outcome.error_type,
                 outcome.error_message,
+                extra=task_fields(job.spec.name, job.message_id, job.attempt),
             )
             await self.retry(message, job.attempt + 1, backoff(job.spec, job.attempt))
         elif action is Action.DEAD_LETTER:
@@ -153,6 +155,7 @@ class Settler:
                     job.attempt,
                     outcome.error_type,
                     outcome.error_message,
+                    extra=task_fields(job.spec.name, job.message_id, job.attempt),
                 )
             await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
         else:

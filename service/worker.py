@@ -157,6 +157,11 @@ class Worker:
             log.error("no @task functions found in %s", ", ".join(s.tasks))
             return 2
         self.check_limits()
+        if s.insecure_tls and s.broker_url.startswith("amqps://"):
+            log.warning(
+                "TLS CERTIFICATE VERIFICATION IS OFF (HUTCH_INSECURE_TLS): anyone on the path "
+                "to the broker can read and forge tasks"
+            )
         self.pool = Pool(
             s.tasks,
             size=s.concurrency,

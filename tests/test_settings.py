@@ -452,3 +452,30 @@ def test_cli_help() -> None:
     assert result.returncode == 0
     assert "worker" in result.stdout
     assert "call" in result.stdout
+
+
+def test_amqps_without_verification_needs_an_explicit_second_setting() -> None:
+    url = "amqps://user:secret@broker.example/?no_verify_ssl=1"
+    with pytest.raises(ConfigError) as info:
+        load({}, {"HUTCH_BROKER_URL": url})
+    assert "HUTCH_INSECURE_TLS" in str(info.value) and "secret" not in str(info.value)
+    assert load({}, {"HUTCH_BROKER_URL": url, "HUTCH_INSECURE_TLS": "yes"}).insecure_tls
+    # Verification on (the default) needs nothing.
+    assert not load({}, {"HUTCH_BROKER_URL": "amqps://u:p@h/"}).insecure_tls
+
+
+def test_json_logs_carry_task_fields_and_no_secrets() -> None:
+    import json as json_module
+    import logging
+
+    from service.broker import safe_url
+    from service.logs import JSONFormatter, task_fields
+
+    record = logging.LogRecord("service.settle", logging.WARNING, __file__, 1,
+                               "task failed at %s", (safe_url("amqp://u:hunter2@h/"),), None)
+    for key, value in task_fields("app.resize", "id-1", 2).items():
+        setattr(record, key, value)
+    entry = json_module.loads(JSONFormatter().format(record))
+    assert entry["level"] == "WARNING" and entry["logger"] == "service.settle"
+    assert (entry["task"], entry["task_id"], entry["attempt"]) == ("app.resize", "id-1", 2)
+    assert "hunter2" not in entry["message"] and "******" in entry["message"]
