@@ -61,7 +61,7 @@ def admit(
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     if not isinstance(name, str) or not name:
-        return Refusal(Reason.UNKNOWN_TASK, "the 'task' header is missing")
+        return Refusal(Reason.UNKNOWN_TASK, "the 'task' header is missing or not a string")
     spec = lookup(name)
     if spec is None:
         return Refusal(Reason.UNKNOWN_TASK, f"no task named {protocol.truncate(name, 200)!r}")

@@ -268,18 +268,19 @@ class Settler:
         here keeps the finished task's output, where requeueing at once would re-run the task
         in a hot loop and burn the message's delivery count.
         """
-        for delay in _PUBLISH_RETRY_DELAYS:
+        for delay in (*_PUBLISH_RETRY_DELAYS, None):
             try:
                 await self.publisher.publish(
                     message, routing_key, exchange=exchange, mandatory=mandatory
                 )
                 return
             except PublishError as exc:
+                if delay is None:
+                    raise
                 log.info("publish to %r failed (%s); retrying in %gs", routing_key, exc, delay)
                 if exc.unroutable and routing_key == topology.dlq_name(self.queue):
                     await self._declare_queues()
             await asyncio.sleep(delay)
-        await self.publisher.publish(message, routing_key, exchange=exchange, mandatory=mandatory)
 
     async def _declare_queues(self) -> None:
         """Someone deleted ``Q.dlq`` (or its queue): declare both again so dead letters land."""

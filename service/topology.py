@@ -48,7 +48,14 @@ def queue_arguments(queue: str) -> dict[str, Any]:
     }
 
 
-DLQ_ARGUMENTS: Final[dict[str, Any]] = {"x-queue-type": "quorum"}
+# Dead letters are looked at by getting and returning them, which counts as a delivery. 4.x
+# gives quorum queues a default limit of 20 and would drop them after that; -1 ("no limit" on
+# 4.x) drops at the first return on 3.10 (tested), so the limit is just very large.
+DLQ_DELIVERY_LIMIT: Final = 1_000_000
+DLQ_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": DLQ_DELIVERY_LIMIT,
+}
 
 
 def check_queue_name(queue: str) -> None:

@@ -68,7 +68,7 @@ func safeURL(raw string) string {
 // §9.1: the work queue and its dead-letter queue, declared exactly as hutch declares them.
 func declareQueue(ch *amqp.Channel, queue string) error {
 	if _, err := ch.QueueDeclare(queue+".dlq", true, false, false, false,
-		amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		amqp.Table{"x-queue-type": "quorum", "x-delivery-limit": int32(1000000)}); err != nil {
 		return err
 	}
 	if _, err := ch.QueueDeclare(queue, true, false, false, false, amqp.Table{

@@ -36,7 +36,7 @@ function decodeBody(contentType, body) {
 // §9.1: the work queue and its dead-letter queue, declared exactly as hutch declares them (a
 // worker declares them too; a publisher that runs first must use the same arguments).
 async function declareQueue(ch, queue) {
-  await ch.assertQueue(`${queue}.dlq`, { durable: true, arguments: { "x-queue-type": "quorum" } });
+  await ch.assertQueue(`${queue}.dlq`, { durable: true, arguments: { "x-queue-type": "quorum", "x-delivery-limit": 1000000 } });
   await ch.assertQueue(queue, {
     durable: true,
     arguments: {

@@ -25,7 +25,7 @@ CONTENT_TYPE = "application/msgpack"
 
 # Section 9.1: the work queue and its dead-letter queue, declared exactly as hutch declares them.
 def declare_queue(ch, queue)
-  ch.queue("#{queue}.dlq", durable: true, arguments: { "x-queue-type" => "quorum" })
+  ch.queue("#{queue}.dlq", durable: true, arguments: { "x-queue-type" => "quorum", "x-delivery-limit" => 1_000_000 })
   work = ch.queue(queue, durable: true, arguments: {
     "x-queue-type" => "quorum",
     "x-delivery-limit" => 20,
