@@ -2,6 +2,7 @@
 
 - ``hutch worker --tasks MODULE[,MODULE...]``: run the service (see ``hutch worker --help``).
 - ``hutch call TASK [ARG...]``: publish one task, wait, print its result as JSON.
+- ``hutch dlq``, ``hutch inspect``, ``hutch map``: operator tools, in `service.commands`.
 
 Bad flags print what is wrong and exit 2; a failed task exits 1.
 """
@@ -10,27 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from service import protocol
+from service.commands import dlq as dlq_command
+from service.commands import inspect as inspect_command
+from service.commands import map as map_command
 from service.errors import ConfigError, HutchError, TaskError
+from service.logs import configure as configure_logging
 from service.pool import PoolStartError
 from service.settings import add_arguments, load
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiormq logs every broker-side consumer cancel and reconnect attempt at WARNING with a
-    # traceback; hutch logs those events itself, once, in plain words.
-    logging.getLogger("aiormq").setLevel(max(logging.getLevelName(level), logging.ERROR))
 
 
 def _arg(text: str) -> Any:
@@ -80,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         default=protocol.MSGPACK,
         help="publish the task as JSON instead of msgpack",
     )
+    for operator_command in (dlq_command, inspect_command, map_command):
+        operator_command.add_parser(commands)
     return parser
 
 
@@ -94,7 +89,7 @@ def _worker(options: argparse.Namespace) -> int:
         raise ConfigError(
             "--tasks (or HUTCH_TASKS) is required: the modules holding your @task functions"
         )
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # Like `python -m`, let task modules in the working directory be found.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -104,7 +99,7 @@ def _worker(options: argparse.Namespace) -> int:
 def _call(options: argparse.Namespace) -> int:
     from service.client import Client
 
-    _configure_logging("WARNING")
+    configure_logging("WARNING")
     with Client(
         queue=options.queue, timeout=options.timeout, content_type=options.content_type
     ) as client:
@@ -130,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "worker":
             return _worker(options)
+        if hasattr(options, "run"):  # the operator commands
+            return int(options.run(options))
         return _call(options)
     except ConfigError as exc:
         parser.exit(2, f"hutch: error: {exc}\n")

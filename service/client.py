@@ -1,8 +1,8 @@
 """Publish tasks and read results: `AsyncClient` for asyncio code, `Client` for everything else.
 
 Both speak wire protocol v1 and wait for publisher confirms, so a returned task id means the
-broker has the task. Results come back on a private, exclusive reply queue; ``call`` and ``map``
-raise `TaskError` with the remote error's type and message.
+broker has the task. Results come back on a private, exclusive reply queue; ``call``, ``map`` and
+``starmap`` raise `TaskError` with the remote error's type and message.
 
 ``Client`` runs an `AsyncClient` on a private event-loop thread, so it works from plain scripts,
 threads and notebooks alike without touching the caller's event loop::
@@ -138,14 +138,40 @@ class AsyncClient:
         Up to ``window`` tasks are in flight at once. With ``return_exceptions=True`` a failed
         item's `TaskError` takes its place in the list instead of being raised.
         """
+        return await self.starmap(
+            task, ((item,) for item in iterable), return_exceptions=return_exceptions
+        )
+
+    async def starmap(
+        self,
+        task: TaskRef,
+        iterable: Iterable[Iterable[Any]],
+        *,
+        return_exceptions: bool = False,
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Run ``task(*args)`` for every ``args`` in order, like ``Pool.starmap``.
+
+        Same window and ``return_exceptions`` as `map`. ``on_result(index, value)``, if given,
+        is called as each item finishes, in completion order, with its result or exception.
+        """
         gate = asyncio.Semaphore(self.window)
 
-        async def one(item: Any) -> Any:
+        async def one(index: int, args: Iterable[Any]) -> Any:
             async with gate:
-                return await self._call(task, (item,), {})
+                try:
+                    result = await self._call(task, tuple(args), {})
+                except Exception as exc:
+                    if on_result is not None:
+                        on_result(index, exc)
+                    raise
+            if on_result is not None:
+                on_result(index, result)
+            return result
 
         return await asyncio.gather(
-            *(one(item) for item in iterable), return_exceptions=return_exceptions
+            *(one(index, args) for index, args in enumerate(iterable)),
+            return_exceptions=return_exceptions,
         )
 
     async def _call(self, task: TaskRef, args: Any, kwargs: Any) -> Any:
@@ -263,6 +289,21 @@ class Client:
         self, task: TaskRef, iterable: Iterable[Any], *, return_exceptions: bool = False
     ) -> list[Any]:
         return self._run(self._async.map(task, iterable, return_exceptions=return_exceptions))
+
+    def starmap(
+        self,
+        task: TaskRef,
+        iterable: Iterable[Iterable[Any]],
+        *,
+        return_exceptions: bool = False,
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """``on_result`` runs on the client's event-loop thread."""
+        return self._run(
+            self._async.starmap(
+                task, iterable, return_exceptions=return_exceptions, on_result=on_result
+            )
+        )
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -22,3 +22,11 @@ class SoftTimeLimitExceeded(HutchError):
 
 class ConfigError(HutchError):
     """A setting is invalid; the message says which and why."""
+
+
+class QueueNotFound(HutchError):
+    """A queue an operator named does not exist in the broker's virtual host."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"no queue named {queue!r}")
+        self.queue = queue

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -109,12 +109,14 @@ class _StateCollector(Collector):
 class Metrics:
     """The worker's registry and the recording calls used on the message path."""
 
-    def __init__(self, queue: str, *, state: State | None = None) -> None:
+    def __init__(self, queue: str, *, vhost: str = "/", state: State | None = None) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             raise RuntimeError(
                 "PROMETHEUS_MULTIPROC_DIR is set, which switches prometheus-client to mmap "
                 "files; hutch keeps all metrics in the parent: unset it"
             )
+        # The *_created series would double the series count and nothing here queries them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.queue = queue
         self.state = state or State()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -177,6 +179,15 @@ class Metrics:
         )
         build.add_metric([__version__, platform.python_version()], 1)
         r.register(_Constant(build))
+        # Joins worker series to RabbitMQ's {vhost, queue} series, and labels per-worker
+        # gauges (ready, connected, pool) with the queue they serve.
+        info = GaugeMetricFamily(
+            "hutch_worker_info",
+            "The queue and vhost this worker consumes.",
+            labels=["queue", "vhost"],
+        )
+        info.add_metric([queue, vhost], 1)
+        r.register(_Constant(info))
 
         # Every label value shows 0 from the start, so rate() and absent() behave.
         for outcome in OUTCOMES:

@@ -24,11 +24,16 @@ CONTENT_TYPES: Final = frozenset({MSGPACK, JSON})
 # Message headers. `task` is set by publishers; the `x-hutch-*` ones are set by hutch.
 TASK_HEADER: Final = "task"
 ATTEMPT_HEADER: Final = "x-hutch-attempt"
+DUE_HEADER: Final = "x-hutch-due"  # on a retry copy: Unix ms when its delay ends
 REASON_HEADER: Final = "x-hutch-reason"
 ERROR_TYPE_HEADER: Final = "x-hutch-error-type"
 ERROR_MESSAGE_HEADER: Final = "x-hutch-error-message"
 QUEUE_HEADER: Final = "x-hutch-queue"
 DEAD_AT_HEADER: Final = "x-hutch-dead-lettered-at"
+# Set on copies re-published from Q.dlq by `hutch dlq replay`; they survive later dead-lettering.
+REPLAY_OF_HEADER: Final = "x-hutch-replay-of"
+REPLAYED_AT_HEADER: Final = "x-hutch-replayed-at"
+REPLAYS_HEADER: Final = "x-hutch-replays"
 
 DEFAULT_MAX_DEPTH: Final = 32
 # Header values are truncated so one enormous error message cannot bloat every dead letter.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -181,6 +182,9 @@ class Settler:
         headers = _clean_headers(dict(message.headers))
         headers[protocol.ATTEMPT_HEADER] = attempt
         exchange, routing_key = topology.delay_routing_key(self.queue, delay)
+        # When the copy is due again: its queue wait is measured from here, not from the
+        # original publish, so backoff and earlier runs do not count as waiting.
+        headers[protocol.DUE_HEADER] = int((time.time() + math.ceil(delay)) * 1000)
         try:
             await self._publish(_copy(message, headers), routing_key, exchange=exchange)
         except PublishError as exc:

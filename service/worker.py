@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -22,7 +23,7 @@ from service.errors import ConfigError
 from service.httpserver import HealthServer, parse_addr
 from service.metrics import UNKNOWN_TASK, Metrics
 from service.pool import Job, Outcome, OutcomeKind, Pool, RestartReason
-from service.protocol import TASK_HEADER
+from service.protocol import DUE_HEADER, TASK_HEADER
 from service.registry import import_task_modules, lookup, registered
 from service.settings import Settings
 from service.settle import Action, Settler, decide, is_stale
@@ -42,7 +43,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
-        self.metrics = Metrics(settings.queue)
+        self.metrics = Metrics(settings.queue, vhost=_vhost(settings.broker_url))
         self.publisher = Publisher(settings.broker_url, name=name + " publish")
         self.settler = Settler(self.publisher, settings.queue, on_settled=self.metrics.on_settled)
         self.consumer = Consumer(
@@ -68,8 +69,7 @@ class Worker:
             return
         task = message.headers.get(TASK_HEADER)
         label = task if isinstance(task, str) and lookup(task) is not None else UNKNOWN_TASK
-        published = message.timestamp.timestamp() if message.timestamp else None
-        self.metrics.on_received(label, bool(message.redelivered), published)
+        self.metrics.on_received(label, bool(message.redelivered), _waiting_since(message))
         verdict = admit(
             message,
             max_body_size=self.settings.max_body_size,
@@ -273,3 +273,16 @@ async def _wait_any(event: asyncio.Event, timeout: float) -> Any:
             await event.wait()
     except TimeoutError:
         pass
+
+
+def _waiting_since(message: AbstractIncomingMessage) -> float | None:
+    """Unix time the message became runnable: a retry's due time, else its publish time."""
+    due = message.headers.get(DUE_HEADER)
+    if isinstance(due, int) and not isinstance(due, bool):
+        return due / 1000
+    return message.timestamp.timestamp() if message.timestamp else None
+
+
+def _vhost(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"

@@ -1,0 +1,139 @@
+"""Operator commands: ``hutch dlq``, ``hutch inspect`` and ``hutch map``.
+
+Each command module has ``add_parser(commands)``, which sets the parser's ``run`` default to the
+command's handler; ``service/cli.py`` only wires them in. The work itself lives in
+`service.deadletters`, `service.inspection` and `service.client`; these modules parse options
+and print.
+
+User errors (unreachable broker, unknown queue, bad filter, unreadable input) raise `UsageError`:
+one line on stderr saying what to do, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from service import topology
+from service.broker import CONNECTION_ERRORS, connect, safe_url
+from service.errors import HutchError
+from service.management import vhost_of
+from service.settings import DEFAULT_BROKER_URL
+
+CONNECT_TIMEOUT = 15.0
+
+
+class UsageError(HutchError):
+    """The command cannot run as asked; the message says what to do instead (exit 2)."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def command(handler: Handler) -> Handler:
+    """Wrap a command: quiet AMQP library logs, user errors as one line with exit 2."""
+
+    @functools.wraps(handler)
+    def run(options: argparse.Namespace) -> int:
+        # aiormq logs failed connects and closed channels itself, with tracebacks; the
+        # commands say what went wrong in one line instead.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            return handler(options)
+        except UsageError as exc:
+            print(f"hutch: error: {exc}", file=sys.stderr)
+            return 2
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException) as exc:
+            print(f"hutch: error: the broker connection failed: {exc!r}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            # stdout was closed early (piped into head, say); keep Python's exit flush quiet.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return run
+
+
+def default_queue() -> str:
+    return os.environ.get("HUTCH_QUEUE", "default")
+
+
+def checked_queue(queue: str) -> str:
+    try:
+        topology.check_queue_name(queue)
+    except ValueError as exc:
+        raise UsageError(f"--queue: {exc}") from None
+    return queue
+
+
+def broker_url() -> str:
+    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default."""
+    url = os.environ.get("HUTCH_BROKER_URL")
+    if url:
+        return url
+    path = os.environ.get("HUTCH_BROKER_URL_FILE")
+    if path:
+        try:
+            with open(path) as url_file:
+                return url_file.read().strip()
+        except OSError as exc:
+            raise UsageError(f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}") from None
+    return DEFAULT_BROKER_URL
+
+
+def explain_connection_error(exc: BaseException, url: str) -> str:
+    """One line saying why connecting to ``url`` failed and what to check."""
+    where = safe_url(url)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return (
+            f"the broker at {where} refused the user name or password; "
+            "check HUTCH_BROKER_URL (or HUTCH_BROKER_URL_FILE)"
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"the broker at {where} did not answer within {CONNECT_TIMEOUT:g}s; "
+            "check HUTCH_BROKER_URL and the network"
+        )
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError | ConnectionError):
+        reason = exc.args[1] if len(exc.args) > 1 else exc
+        return (
+            f"cannot connect to the broker at {where} ({reason}); is RabbitMQ running? "
+            "The URL comes from HUTCH_BROKER_URL (or HUTCH_BROKER_URL_FILE)"
+        )
+    # RabbitMQ closes the connection during the handshake when the vhost is missing or the
+    # user has no access to it; aiormq reports that as an unexpected frame.
+    return (
+        f"the broker at {where} refused the connection: vhost {vhost_of(url)!r} does not "
+        "exist or the user may not use it; check HUTCH_BROKER_URL"
+    )
+
+
+@contextlib.asynccontextmanager
+async def broker_connection(url: str, *, name: str) -> AsyncIterator[AbstractConnection]:
+    """A connection for one command, or `UsageError` saying why there is none."""
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            connection = await connect(url, name=name)
+    except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+        raise UsageError(explain_connection_error(exc, url)) from None
+    try:
+        yield connection
+    finally:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await connection.close()
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
