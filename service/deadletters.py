@@ -598,8 +598,8 @@ def replay_copy(
     """A dead letter as a fresh task: attempts start again, and it says what it replays.
 
     Drops the broker's headers and the ``x-hutch-*`` death headers, adds ``x-hutch-replay-of``,
-    ``x-hutch-replayed-at`` and ``x-hutch-replays``; keeps message_id (the idempotency key)
-    and the properties a retry copy keeps (protocol §3.5).
+    ``x-hutch-replayed-at`` and ``x-hutch-replays``, sets ``x-hutch-due`` to now; keeps
+    message_id (the idempotency key) and the properties a retry copy keeps (protocol §3.5).
     """
     headers = {
         k: v
@@ -609,6 +609,9 @@ def replay_copy(
     headers[protocol.REPLAY_OF_HEADER] = letter.id
     headers[protocol.REPLAYED_AT_HEADER] = now_ms
     headers[protocol.REPLAYS_HEADER] = letter.replays + 1
+    # Runnable from now: the worker's queue-wait metric counts from here, not from the original
+    # timestamp (which replay keeps, and which may be days old).
+    headers[protocol.DUE_HEADER] = now_ms
     return aio_pika.Message(
         message.body,
         headers=headers,

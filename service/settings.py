@@ -114,7 +114,7 @@ class Settings:
         25.0, _positive_float, "seconds SIGTERM lets running tasks finish before returning them"
     )
     time_limit: float = _setting(
-        1500.0, _positive_float, "hard time limit in seconds for tasks that set none"
+        840.0, _positive_float, "hard time limit in seconds for tasks that set none"
     )
     consumer_timeout: float = _setting(
         1800.0,

@@ -120,7 +120,10 @@ class Worker:
         AMQP does not expose the broker's consumer_timeout, so it is taken from the setting
         (default: RabbitMQ's default of 30 min) and said so at start-up.
         """
-        budget = self.settings.consumer_timeout - 60
+        # The broker's clock starts at delivery: a delivery in the prefetch buffer can wait one
+        # whole run of the task ahead of it before its own run starts.
+        runs = 2 if self.settings.prefetch_buffer else 1
+        budget = (self.settings.consumer_timeout - 60) / runs
         longest = max(
             (spec.time_limit or self.settings.time_limit for spec in registered().values()),
             default=self.settings.time_limit,
@@ -137,11 +140,14 @@ class Worker:
                 log.warning(
                     "task %s has a hard time limit of %gs, but RabbitMQ's consumer_timeout "
                     "(%gs assumed; set --consumer-timeout to what the broker uses) closes the "
-                    "channel of any delivery unacked that long: keep limits below %gs",
+                    "channel of any delivery unacked that long, and a prefetched delivery can "
+                    "wait one run before its own: keep limits below %gs "
+                    "(or --prefetch-buffer 0, which allows %gs)",
                     spec.name,
                     limit,
                     self.settings.consumer_timeout,
                     budget,
+                    self.settings.consumer_timeout - 60,
                 )
 
     def request_stop(self) -> None:

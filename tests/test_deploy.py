@@ -72,7 +72,7 @@ def check_settings(names: set[str], where: str) -> None:
 
 def check_deadlines(env: dict[str, Any], grace: float, where: str) -> None:
     drain = float(env.get("HUTCH_DRAIN_TIMEOUT", 25))
-    limit = float(env.get("HUTCH_TIME_LIMIT", 1500))
+    limit = float(env.get("HUTCH_TIME_LIMIT", 840))
     consumer_timeout = float(env.get("HUTCH_CONSUMER_TIMEOUT", 1800))
     # A few seconds after the drain deadline go to returning unfinished tasks and closing.
     assert drain + 5 <= grace, f"{where}: drain {drain}s leaves no margin in a {grace}s grace"
@@ -382,7 +382,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
 def test_deploy_doc_states_the_defaults() -> None:
     doc = (ROOT / "docs" / "deploy.md").read_text()
     defaults = {f.name: f.default for f in fields(Settings)}
-    assert defaults["drain_timeout"] == 25 and defaults["time_limit"] == 1500
+    assert defaults["drain_timeout"] == 25 and defaults["time_limit"] == 840
     assert defaults["consumer_timeout"] == 1800 and defaults["metrics_addr"] == "127.0.0.1:9808"
-    for fact in ("25 s", "1500 s", "1800 s", "1740 s", "10 s", "30 s", "40 s"):
+    for fact in ("25 s", "840 s", "1800 s", "1740 s", "10 s", "30 s", "40 s"):
         assert fact in doc, fact

@@ -81,7 +81,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.prefetch_buffer == 2
     assert s.prefetch == 9
     assert s.drain_timeout == 25.0
-    assert s.time_limit == 1500.0
+    assert s.time_limit == 840.0
     assert s.consumer_timeout == 1800.0
     assert s.max_deliveries == 5
     assert s.max_body_size == 4 * MiB
