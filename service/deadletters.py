@@ -4,9 +4,9 @@ Reading without taking
 ----------------------
 AMQP 0-9-1 has no "peek", so `Browser` reads a queue like this: a passive declare gives the number
 M of ready messages; consumers with manual acks receive them and every one is held unacked; at
-the end the reader hands back everything it did not settle with one
-``basic.nack(multiple=True, requeue=True)`` and closes its channel. Holding them all is what lets
-each message be seen exactly once: a message handed back early would be delivered again at once.
+the end the reader hands back everything it did not settle with ``basic.nack(requeue=True)`` and
+closes its channel. Holding them all is what lets each message be seen exactly once: a message
+handed back early would be delivered again at once.
 
 The prefetch bounds how much is in flight: a consumer gets a prefetch of `WINDOW` (the broker
 sends it that many and then waits, since nothing is acked); once the reader has worked through
@@ -69,7 +69,7 @@ REASONS: Final = tuple(sorted({*(str(r) for r in Reason), *BROKER_REASONS, UNKNO
 WINDOW: Final = 500  # messages a reader has in flight at most (basic.qos prefetch-count)
 RETURN_RUN: Final = 32  # messages handed back per basic.nack (see Browser._hand_back)
 RUNS_IN_FLIGHT: Final = 8  # basic.nacks sent before waiting for the broker to catch up
-RETURN_WAIT: Final = 10.0  # seconds a reader waits for the broker to take its messages back
+RETURN_WAIT: Final = 5.0  # seconds a reader waits for the broker to take its messages back
 
 # The broker owns these; a copy re-published with an old x-death can be silently dropped by
 # 3.10's dead-letter cycle detection (protocol §3.5 lists the same set).
@@ -420,8 +420,8 @@ class Browser:
             target += len(run)
             if paced and number % RUNS_IN_FLIGHT == 0:
                 paced = await self._until_ready(channel, target, timeout=2.0)
-        # Closing the channel before the broker has them back would requeue the rest unordered.
-        await self._until_ready(channel, target, timeout=RETURN_WAIT)
+        if paced:  # closing before the broker has them back would requeue the rest unordered
+            await self._until_ready(channel, target, timeout=RETURN_WAIT)
 
     async def _next_window(self) -> None:
         """Cancel the current consumer (what it delivered stays held) and start the next."""
@@ -511,7 +511,7 @@ async def list_letters(
     *,
     limit: int | None = None,
 ) -> Scan:
-    """The dead letters of ``queue`` that match, oldest first; nothing is removed."""
+    """The dead letters of ``queue`` that match, in queue order; nothing is removed."""
     scan = Scan(queue)
     async with Browser(connection, topology.dlq_name(queue)) as browser:
         async for message in browser:
@@ -563,7 +563,6 @@ class Found:
 
     scan: Scan
     details: list[Detail]
-    exact: bool
 
 
 async def find(connection: AbstractConnection, queue: str, letter_id: str) -> Found:
@@ -589,7 +588,7 @@ async def find(connection: AbstractConnection, queue: str, letter_id: str) -> Fo
         scan.record(browser)
     details = exact or prefixed
     scan.letters = [d.letter for d in details]
-    return Found(scan, details, bool(exact))
+    return Found(scan, details)
 
 
 def replay_copy(
@@ -599,7 +598,9 @@ def replay_copy(
 
     Drops the broker's headers and the ``x-hutch-*`` death headers, adds ``x-hutch-replay-of``,
     ``x-hutch-replayed-at`` and ``x-hutch-replays``, sets ``x-hutch-due`` to now; keeps
-    message_id (the idempotency key) and the properties a retry copy keeps (protocol §3.5).
+    message_id (the idempotency key) and the properties a retry copy keeps (protocol §3.5). A
+    message without message_id gets its ``anon-`` id as one, so that every replay of it has the
+    same key (the AMQP library would otherwise invent a random one).
     """
     headers = {
         k: v
@@ -621,7 +622,7 @@ def replay_copy(
         priority=message.priority,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
-        message_id=message.message_id,
+        message_id=message.message_id or letter.id,
         timestamp=message.timestamp,
         type=message.type,
         app_id=message.app_id,

@@ -88,7 +88,10 @@ def add_parser(commands: Any) -> None:
         "--id", action="append", default=[], metavar="ID", help="dead letter id, as ls shows it"
     )
     chosen.add_argument(
-        "--limit", type=_positive_int, metavar="N", help="at most N dead letters, oldest first"
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="at most N dead letters, the first in the queue",
     )
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -97,7 +100,7 @@ def add_parser(commands: Any) -> None:
         "ls",
         parents=[where, output],
         help="list dead letters (removes nothing)",
-        description="One line per dead letter, oldest first: id, task, reason, attempts, "
+        description="One line per dead letter, in queue order: id, task, reason, attempts, "
         "replays, when it was dead-lettered, error. Removes nothing.",
     )
     ls.set_defaults(run=_ls)
