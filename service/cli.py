@@ -16,7 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import aiormq
+
 from service import protocol
+from service.broker import CONNECTION_ERRORS
+from service.commands import UsageError, broker_url, command, explain_connection_error
 from service.commands import dlq as dlq_command
 from service.commands import inspect as inspect_command
 from service.commands import map as map_command
@@ -96,13 +100,18 @@ def _worker(options: argparse.Namespace) -> int:
     return uvloop.run(Worker(settings).run())
 
 
+@command
 def _call(options: argparse.Namespace) -> int:
     from service.client import Client
 
-    configure_logging("WARNING")
-    with Client(
-        queue=options.queue, timeout=options.timeout, content_type=options.content_type
-    ) as client:
+    url = broker_url()
+    try:
+        client = Client(
+            url, queue=options.queue, timeout=options.timeout, content_type=options.content_type
+        )
+    except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+        raise UsageError(explain_connection_error(exc, url)) from None
+    with client:
         try:
             args = [_arg(text) for text in options.args]
             result = client.call(options.task, *args, **dict(options.kwarg))

@@ -17,7 +17,6 @@ threads and notebooks alike without touching the caller's event loop::
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 import uuid
@@ -38,18 +37,10 @@ from service import protocol, topology
 from service.broker import connect
 from service.errors import HutchError, TaskError
 from service.registry import name_of
-from service.settings import DEFAULT_BROKER_URL
+from service.settings import broker_url_from_env
 
 T = TypeVar("T")
 TaskRef = Callable[..., Any] | str
-
-
-def _default_url() -> str:
-    path = os.environ.get("HUTCH_BROKER_URL_FILE")
-    if "HUTCH_BROKER_URL" not in os.environ and path:
-        with open(path) as f:
-            return f.read().strip()
-    return os.environ.get("HUTCH_BROKER_URL", DEFAULT_BROKER_URL)
 
 
 class AsyncClient:
@@ -78,7 +69,7 @@ class AsyncClient:
         if content_type not in protocol.CONTENT_TYPES:
             raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
         topology.check_queue_name(queue)
-        self.url = url or _default_url()
+        self.url = url or broker_url_from_env()
         self.queue = queue
         self.content_type = content_type
         self.timeout = timeout

@@ -219,11 +219,27 @@ def load(
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-    if "broker_url" not in values and environ.get("HUTCH_BROKER_URL_FILE"):
-        path = environ["HUTCH_BROKER_URL_FILE"]
+    if "broker_url" not in values:
+        values["broker_url"] = broker_url_from_env(environ)
+    return Settings(**values)
+
+
+def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
+
+    Shared by the worker, the client and the operator commands; raises `ConfigError`.
+    """
+    environ = os.environ if environ is None else environ
+    url = environ.get("HUTCH_BROKER_URL")
+    if url:
+        return url
+    path = environ.get("HUTCH_BROKER_URL_FILE")
+    if path:
         try:
             with open(path) as url_file:
-                values["broker_url"] = url_file.read().strip()
+                return url_file.read().strip()
         except OSError as exc:
-            raise ConfigError(f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc}") from None
-    return Settings(**values)
+            raise ConfigError(
+                f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+    return DEFAULT_BROKER_URL

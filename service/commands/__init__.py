@@ -26,9 +26,9 @@ from aio_pika.abc import AbstractConnection
 
 from service import topology
 from service.broker import CONNECTION_ERRORS, connect, safe_url
-from service.errors import HutchError
+from service.errors import ConfigError, HutchError
 from service.management import vhost_of
-from service.settings import DEFAULT_BROKER_URL
+from service.settings import broker_url_from_env
 
 CONNECT_TIMEOUT = 15.0
 
@@ -79,18 +79,11 @@ def checked_queue(queue: str) -> str:
 
 
 def broker_url() -> str:
-    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default."""
-    url = os.environ.get("HUTCH_BROKER_URL")
-    if url:
-        return url
-    path = os.environ.get("HUTCH_BROKER_URL_FILE")
-    if path:
-        try:
-            with open(path) as url_file:
-                return url_file.read().strip()
-        except OSError as exc:
-            raise UsageError(f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}") from None
-    return DEFAULT_BROKER_URL
+    """The broker URL from the environment (`broker_url_from_env`), as a `UsageError`."""
+    try:
+        return broker_url_from_env()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def explain_connection_error(exc: BaseException, url: str) -> str:
