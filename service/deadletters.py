@@ -58,6 +58,7 @@ from aio_pika.abc import (
 
 from service import protocol, topology
 from service.broker import CONNECTION_ERRORS, Publisher, PublishError
+from service.copies import copy_message, is_broker_header, publisher_headers
 from service.errors import HutchError, QueueNotFound
 from service.protocol import Reason
 
@@ -73,8 +74,6 @@ RETURN_WAIT: Final = 5.0  # seconds a reader waits for the broker to take its me
 
 # The broker owns these; a copy re-published with an old x-death can be silently dropped by
 # 3.10's dead-letter cycle detection (protocol §3.5 lists the same set).
-_BROKER_HEADERS: Final = frozenset({"x-death", "x-delivery-count", "x-acquired-count"})
-_BROKER_HEADER_PREFIXES: Final = ("x-first-death-", "x-last-death-")
 # What a dead letter carries about its death; a replay starts afresh without them.
 _DEATH_HEADERS: Final = frozenset(
     {
@@ -121,15 +120,11 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _is_broker_header(name: str) -> bool:
-    return name in _BROKER_HEADERS or name.startswith(_BROKER_HEADER_PREFIXES)
-
-
 def _anonymous_id(message: AbstractIncomingMessage) -> str:
     """A stable id for a message without message_id: a digest of what does not change."""
     digest = hashlib.sha256(message.body)
     headers = sorted(
-        (k, repr(v)) for k, v in (message.headers or {}).items() if not _is_broker_header(k)
+        (k, repr(v)) for k, v in (message.headers or {}).items() if not is_broker_header(k)
     )
     digest.update(repr((headers, message.timestamp, message.content_type)).encode())
     return "anon-" + digest.hexdigest()[:12]
@@ -602,31 +597,14 @@ def replay_copy(
     message without message_id gets its ``anon-`` id as one, so that every replay of it has the
     same key (the AMQP library would otherwise invent a random one).
     """
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if not _is_broker_header(k) and k not in _DEATH_HEADERS
-    }
+    headers = {k: v for k, v in publisher_headers(message).items() if k not in _DEATH_HEADERS}
     headers[protocol.REPLAY_OF_HEADER] = letter.id
     headers[protocol.REPLAYED_AT_HEADER] = now_ms
     headers[protocol.REPLAYS_HEADER] = letter.replays + 1
     # Runnable from now: the worker's queue-wait metric counts from here, not from the original
     # timestamp (which replay keeps, and which may be days old).
     headers[protocol.DUE_HEADER] = now_ms
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id or letter.id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return copy_message(message, headers, message_id=message.message_id or letter.id)
 
 
 class _Pace:

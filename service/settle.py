@@ -23,13 +23,13 @@ import random
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service import protocol, topology
 from service.broker import CONNECTION_ERRORS, Publisher, PublishError
+from service.copies import copy_message, publisher_headers
 from service.logs import task_fields
 from service.pool import Job, Outcome, OutcomeKind
 from service.protocol import Reason
@@ -39,42 +39,11 @@ log = logging.getLogger(__name__)
 
 _PUBLISH_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
-# Headers the broker owns; a re-published copy carrying an old x-death can be silently dropped
-# by 3.10's dead-letter cycle detection.
-_BROKER_HEADERS = ("x-death", "x-delivery-count", "x-acquired-count")
-_BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
-
 
 def backoff(spec: TaskSpec, attempt: int) -> float:
     """Seconds before attempt ``attempt + 1``: exponential, capped, with equal jitter."""
     delay = min(spec.retry_backoff * 2.0 ** (attempt - 1), spec.retry_backoff_max)
     return delay / 2 + random.uniform(0, delay / 2)
-
-
-def _clean_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in headers.items()
-        if k not in _BROKER_HEADERS and not k.startswith(_BROKER_HEADER_PREFIXES)
-    }
-
-
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    # user_id is dropped: the broker refuses one that differs from the publishing connection's.
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
 
 
 def is_stale(message: AbstractIncomingMessage) -> bool:
@@ -179,14 +148,14 @@ class Settler:
         if is_stale(message):
             self._on_settled(Action.STALE, None)
             return
-        headers = _clean_headers(dict(message.headers))
+        headers = publisher_headers(message)
         headers[protocol.ATTEMPT_HEADER] = attempt
         exchange, routing_key = topology.delay_routing_key(self.queue, delay)
         # When the copy is due again: its queue wait is measured from here, not from the
         # original publish, so backoff and earlier runs do not count as waiting.
         headers[protocol.DUE_HEADER] = int((time.time() + math.ceil(delay)) * 1000)
         try:
-            await self._publish(_copy(message, headers), routing_key, exchange=exchange)
+            await self._publish(copy_message(message, headers), routing_key, exchange=exchange)
         except PublishError as exc:
             log.warning("retry of %s not confirmed (%s); requeueing", message.message_id, exc)
             await self.requeue(message, counted=False)
@@ -204,7 +173,7 @@ class Settler:
         if is_stale(message):
             self._on_settled(Action.STALE, None)
             return
-        headers = _clean_headers(dict(message.headers))
+        headers = publisher_headers(message)
         headers.update(
             {
                 protocol.REASON_HEADER: str(reason),
@@ -215,7 +184,7 @@ class Settler:
             }
         )
         try:
-            await self._publish(_copy(message, headers), topology.dlq_name(self.queue))
+            await self._publish(copy_message(message, headers), topology.dlq_name(self.queue))
             if message.reply_to:
                 content_type = message.content_type
                 if content_type not in protocol.CONTENT_TYPES:
