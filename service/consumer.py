@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from service import protocol, topology
@@ -133,6 +134,17 @@ class Consumer:
             try:
                 await self._session()
                 delay = _BACKOFF_START
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                # Not a network problem: the queue exists with other arguments. Retrying lets
+                # an operator fix it without restarting, but say plainly what is wrong.
+                log.error(
+                    "cannot declare queue %r or its dead-letter queue: %s. It exists with "
+                    "other arguments (declared by another tool or an older hutch); delete it "
+                    "or declare it as docs/protocol.md section 9 says. Retrying in %.1fs",
+                    self._queue_name,
+                    exc.args[0] if exc.args else exc,
+                    delay,
+                )
             except CONNECTION_ERRORS as exc:
                 if self._closed:
                     return

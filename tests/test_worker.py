@@ -341,3 +341,14 @@ async def test_hutch_call_prints_the_result(
     out, err = await failed.communicate()
     assert failed.returncode == 1
     assert b"NeedsTwoArgs" in err and b"Traceback" not in err
+
+
+async def test_queue_with_other_arguments_is_reported_not_hidden(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any
+) -> None:
+    other = f"{queue}-other"
+    await broker.channel.declare_queue(f"{other}.dlq", durable=True)  # a classic queue
+    worker = await start_worker("--queue", other, wait=False)
+    assert await until(lambda: "exists with other arguments" in worker.log(), 20), worker.log()
+    assert "consuming from" not in worker.log()
+    assert "ERROR" in worker.log() and "Traceback" not in worker.log()
