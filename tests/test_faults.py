@@ -76,6 +76,7 @@ async def test_child_sigkill_blames_only_its_task(
     after = worker.children()
     assert victim_pid not in after and bystander_pid in after
     report = check({victim, bystander}, exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert (report.lost, report.duplicated, report.unexpected) == (set(), {}, set()), report
 
 
@@ -93,6 +94,7 @@ async def test_poison_message_reaches_dlq_after_bounded_deliveries(
     assert [r["deliveries"] for r in runs] == [0, 1, 2, 3, 4]  # --max-deliveries 5
     await wait_all_done(exec_log, ok, 10)
     report = check(set(ok) | {poison}, exec_log, {poison})
+    print(f"checker: {report}")  # shown with pytest -s
     assert (report.lost, report.unexpected) == (set(), set()), report
     assert await until(lambda: len(worker.children()) == 2, 5)
 
@@ -153,6 +155,7 @@ async def test_service_sigkill_redelivers_and_leaves_no_orphans(
     await start_worker()
     await wait_all_done(exec_log, ids, 40)
     report = check(set(ids), exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert report.lost == set() and report.unexpected == set(), report
     assert set(report.duplicated) <= in_flight | running_ids(exec_log), report
 
@@ -172,6 +175,7 @@ async def test_sigterm_drains_running_tasks_and_returns_the_rest(
     await start_worker()
     await wait_all_done(exec_log, ids, 30)
     report = check(set(ids), exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert (report.lost, report.duplicated, report.unexpected) == (set(), {}, set()), report
     assert "drained" in worker.log()
 
@@ -196,6 +200,7 @@ async def test_drain_deadline_returns_unfinished_tasks(
     await start_worker()
     await wait_all_done(exec_log, ids, 30)
     report = check(set(ids), exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert (report.lost, report.duplicated, report.unexpected) == (set(), {}, set()), report
 
 
@@ -209,6 +214,7 @@ async def test_connection_closed_by_broker_reconnects_and_loses_nothing(
     vhost.close_all_connections()
     await wait_all_done(exec_log, ids, 60)
     report = check(set(ids), exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert report.lost == set() and report.unexpected == set(), report
     assert set(report.duplicated) <= in_flight, report
     assert "connection" in worker.log().lower()
@@ -255,6 +261,7 @@ async def test_broker_restart_reconnects_and_loses_nothing(
         rabbitmqctl("await_startup")
     await wait_all_done(exec_log, ids, 90)
     report = check(set(ids), exec_log)
+    print(f"checker: {report}")  # shown with pytest -s
     assert report.lost == set() and report.unexpected == set(), report
     assert set(report.duplicated) <= in_flight, report
     async with await aio_pika.connect(vhost.url) as connection:
