@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from aio_pika.abc import AbstractConnection
+
 from service import deadletters, topology
 from service.broker import Publisher
 from service.commands import (
@@ -336,6 +338,20 @@ def _show(options: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+async def _dry_run(
+    connection: AbstractConnection,
+    queue: str,
+    where: Filter,
+    options: argparse.Namespace,
+    verb: str,
+) -> None:
+    """List what ``verb`` (replay or purge) would touch, and change nothing."""
+    scan = await deadletters.list_letters(connection, queue, where, limit=options.limit)
+    _print_letters(scan.letters, options.json)
+    print(_summary(scan, where, f"dry run: would {verb}") + "; nothing changed", file=sys.stderr)
+    _incomplete(scan)
+
+
 @command
 def _replay(options: argparse.Namespace) -> int:
     queue, where, url = checked_queue(options.queue), _filter(options), broker_url()
@@ -350,15 +366,7 @@ def _replay(options: argparse.Namespace) -> int:
         async with broker_connection(url, name="hutch dlq replay") as connection:
             try:
                 if options.dry_run:
-                    scan = await deadletters.list_letters(
-                        connection, queue, where, limit=options.limit
-                    )
-                    _print_letters(scan.letters, options.json)
-                    print(
-                        _summary(scan, where, "dry run: would replay") + "; nothing changed",
-                        file=sys.stderr,
-                    )
-                    _incomplete(scan)
+                    await _dry_run(connection, queue, where, options, "replay")
                     return 0
                 publisher = Publisher(url, name="hutch dlq replay publish")
                 try:
@@ -409,21 +417,15 @@ def _purge(options: argparse.Namespace) -> int:
         async with broker_connection(url, name="hutch dlq purge") as connection:
             try:
                 if options.dry_run:
-                    scan = await deadletters.list_letters(
-                        connection, queue, where, limit=options.limit
-                    )
-                    _print_letters(scan.letters, options.json)
-                    verb = "dry run: would purge"
-                    print(_summary(scan, where, verb) + "; nothing changed", file=sys.stderr)
-                else:
-                    outcome = await deadletters.purge(
-                        connection, queue, where, limit=options.limit, on_purged=purged
-                    )
-                    scan = outcome.scan
-                    print(_summary(scan, where, "purged"), file=sys.stderr)
+                    await _dry_run(connection, queue, where, options, "purge")
+                    return 0
+                outcome = await deadletters.purge(
+                    connection, queue, where, limit=options.limit, on_purged=purged
+                )
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None
-            _incomplete(scan)
+            print(_summary(outcome.scan, where, "purged"), file=sys.stderr)
+            _incomplete(outcome.scan)
         return 0
 
     return asyncio.run(main())
