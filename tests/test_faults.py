@@ -204,27 +204,37 @@ async def test_drain_deadline_returns_unfinished_tasks(
     assert (report.lost, report.duplicated, report.unexpected) == (set(), {}, set()), report
 
 
-async def test_connection_closed_by_broker_reconnects_and_loses_nothing(
-    vhost: Vhost, queue: str, broker: Broker, start_worker: Any, exec_log: Path
+async def survives_connection_loss(
+    vhost: Vhost, queue: str, broker: Broker, worker: WorkerProcess, exec_log: Path, fault: Any
 ) -> None:
-    worker: WorkerProcess = await start_worker()
+    """Run 8 tasks, apply ``fault`` while two run; then lost = 0, duplicates only in flight,
+    and the worker consumes again on a fresh connection."""
     ids = await publish_work(broker, queue, 8, 1)
     assert await until(lambda: len(started(exec_log)) >= 2, 10)
     in_flight = running_ids(exec_log)
-    vhost.close_all_connections()
-    await wait_all_done(exec_log, ids, 60)
+    await fault()
+    await wait_all_done(exec_log, ids, 90)
     report = check(set(ids), exec_log)
     print(f"checker: {report}")  # shown with pytest -s
     assert report.lost == set() and report.unexpected == set(), report
     assert set(report.duplicated) <= in_flight, report
-    assert "connection" in worker.log().lower()
-    # Consuming again on a fresh connection, and no stale tag closed a channel.
-    reconnected = aio_pika.connect(vhost.url)
-    async with await reconnected as connection:
+    async with await aio_pika.connect(vhost.url) as connection:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
-        assert q.declaration_result.consumer_count == 1
-    assert "unknown delivery tag" not in worker.log()
+        assert q.declaration_result.consumer_count == 1, worker.log()
+    assert "unknown delivery tag" not in worker.log()  # no stale tag closed a channel
+
+
+async def test_connection_closed_by_broker_reconnects_and_loses_nothing(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any, exec_log: Path
+) -> None:
+    worker: WorkerProcess = await start_worker()
+
+    async def close_all() -> None:
+        vhost.close_all_connections()
+
+    await survives_connection_loss(vhost, queue, broker, worker, exec_log, close_all)
+    assert "connection" in worker.log().lower()
 
 
 async def test_queue_deleted_under_consumer_is_declared_again(
@@ -250,24 +260,16 @@ async def test_broker_restart_reconnects_and_loses_nothing(
     vhost: Vhost, queue: str, broker: Broker, start_worker: Any, exec_log: Path
 ) -> None:
     worker: WorkerProcess = await start_worker()
-    ids = await publish_work(broker, queue, 8, 1)
-    assert await until(lambda: len(started(exec_log)) >= 2, 10)
-    in_flight = running_ids(exec_log)
-    try:
-        rabbitmqctl("stop_app")
-        await asyncio.sleep(2)
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-    await wait_all_done(exec_log, ids, 90)
-    report = check(set(ids), exec_log)
-    print(f"checker: {report}")  # shown with pytest -s
-    assert report.lost == set() and report.unexpected == set(), report
-    assert set(report.duplicated) <= in_flight, report
-    async with await aio_pika.connect(vhost.url) as connection:
-        channel = await connection.channel()
-        q = await channel.declare_queue(queue, passive=True)
-        assert q.declaration_result.consumer_count == 1, worker.log()
+
+    async def restart() -> None:
+        try:
+            rabbitmqctl("stop_app")
+            await asyncio.sleep(2)
+        finally:
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
+
+    await survives_connection_loss(vhost, queue, broker, worker, exec_log, restart)
 
 
 async def test_deleted_dead_letter_queue_is_declared_again(

@@ -281,65 +281,30 @@ async def test_worker_publishes_no_earlier_than_it_should(
         assert time.monotonic() - started < 30
 
 
+async def hutch_call(url: str, *args: str) -> tuple[int, bytes, bytes]:
+    """Run ``hutch call ARGS`` against ``url``; returns exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "call", *args, "--timeout", "30",
+        env={**os.environ, "HUTCH_BROKER_URL": url}, stdout=PIPE, stderr=PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
 async def test_hutch_call_prints_the_result(
     vhost: Vhost, queue: str, broker: Broker, start_worker: Any
 ) -> None:
     await start_worker()
-    env = {**os.environ, "HUTCH_BROKER_URL": vhost.url}
-    ok = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        "call",
-        "tests.tasks.add",
-        "2",
-        "3.5",
-        "--queue",
-        queue,
-        "--timeout",
-        "30",
-        env=env,
-        stdout=PIPE,
-        stderr=PIPE,
-    )
-    out, err = await ok.communicate()
-    assert ok.returncode == 0, err
+    code, out, err = await hutch_call(vhost.url, "tests.tasks.add", "2", "3.5", "--queue", queue)
+    assert code == 0, err
     assert json.loads(out) == 5.5
-    text = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        "call",
-        "tests.tasks.add",
-        "a",
-        "b",
-        "--json",
-        "--queue",
-        queue,
-        "--timeout",
-        "30",
-        env=env,
-        stdout=PIPE,
-        stderr=PIPE,
+    code, out, _ = await hutch_call(
+        vhost.url, "tests.tasks.add", "a", "b", "--json", "--queue", queue
     )
-    out, err = await text.communicate()
-    assert text.returncode == 0 and json.loads(out) == "ab"
-    failed = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        "call",
-        "tests.tasks.unpicklable_error",
-        "--queue",
-        queue,
-        "--timeout",
-        "30",
-        env=env,
-        stdout=PIPE,
-        stderr=PIPE,
-    )
-    out, err = await failed.communicate()
-    assert failed.returncode == 1
+    assert code == 0 and json.loads(out) == "ab"
+    code, _, err = await hutch_call(vhost.url, "tests.tasks.unpicklable_error", "--queue", queue)
+    assert code == 1
     assert b"NeedsTwoArgs" in err and b"Traceback" not in err
 
 
