@@ -1,8 +1,12 @@
 """The per-host process pool, supervised from the event loop.
 
 Each child is a fresh interpreter (``python -m service.child``, so nothing is forked from the
-running loop) that runs one job at a time. The pool tracks which job each child holds, so a
-death is blamed on exactly that job and the other children keep running: the stdlib
+running loop) that runs one job at a time, in the order its frames arrive. Behind a job whose
+task usually finishes within a few milliseconds the pool queues one more, so the child starts
+it the moment it sends the previous result instead of idling for a round trip through the
+parent (pipelining). Only the first unanswered job of a child (its head) is running: a death
+is blamed on exactly that job, the job queued behind it goes back to the pool's queue
+unreported to run on another child, and the other children keep running. The stdlib
 `ProcessPoolExecutor` instead fails every in-flight future when one child dies.
 
 A child's pipe carries length-prefixed frames (`service.pipe`); the parent reads them with one
@@ -34,6 +38,13 @@ log = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT = 60.0
 _RESPAWN_BACKOFF_MAX = 10.0
+# A job is queued behind a running one only if the running job's task has a known mean run
+# time below this. The queued job waits for the one ahead, so this bounds the latency it adds
+# (about this much, on average) and keeps a child from hoarding work behind a long task while
+# another child could take it as soon as it is free.
+_PIPELINE_BELOW = 0.02
+_MAX_JOBS_PER_CHILD = 2  # the running job plus one queued
+_MEAN_WEIGHT = 0.2  # weight of the newest duration in a task's moving mean
 
 
 class OutcomeKind(Enum):
@@ -69,7 +80,7 @@ class Job:
     want_result: bool
     delivery: Any
     id: int = 0
-    started: float = 0.0  # loop time when sent to a child; 0 until then
+    started: float = 0.0  # loop time when its child started it (became its head); 0 until then
     cpu_seconds: float = 0.0  # CPU the child spent on it, once finished
 
 
@@ -84,10 +95,11 @@ class RestartReason(Enum):
 @dataclass(eq=False)
 class _Child:
     proc: asyncio.subprocess.Process
-    jobs: deque[Job] = field(default_factory=deque)
-    timer: asyncio.TimerHandle | None = None
+    jobs: deque[Job] = field(default_factory=deque)  # in the order sent; jobs[0] is running
+    timer: asyncio.TimerHandle | None = None  # the hard time limit of jobs[0]
     timed_out: Job | None = None
     aborting: bool = False
+    doomed: set[Job] = field(default_factory=set)  # what it is being killed for (abort)
     retiring: RestartReason | None = None
     tasks_done: int = 0
     baseline_rss: int = 0
@@ -105,7 +117,16 @@ class PoolStartError(RuntimeError):
 
 
 class Pool:
-    """N children, one job each; jobs beyond that wait in a local queue.
+    """N children, each running one job with at most one more queued behind it; jobs beyond
+    that wait in a local queue.
+
+    Idle children are filled first; a second job goes to a child only behind a running job
+    whose task's mean duration is below `_PIPELINE_BELOW`. A job's start time and hard time
+    limit begin when it becomes its child's head (the child runs them in order). When a child
+    dies only its head is blamed (CRASHED or TIMEOUT); the jobs queued behind it never ran or
+    were cut short through no fault of their own, so they return to the front of the local
+    queue with no outcome reported (no redelivery, no delivery-count penalty), or are
+    reported RETURNED if the pool is closing and nothing would run them.
 
     Options (keyword arguments):
 
@@ -148,6 +169,7 @@ class Pool:
         self._max_memory = max_memory_per_child
         self._children: set[_Child] = set()
         self._pending: deque[Job] = deque()
+        self._means: dict[str, float] = {}  # task name -> moving mean run time in seconds
         self._ids = itertools.count(1)
         self._closing = False
         self._respawns: set[asyncio.Task[None]] = set()
@@ -181,7 +203,8 @@ class Pool:
 
     @property
     def running(self) -> int:
-        return sum(len(c.jobs) for c in self._children)
+        """Jobs a child is running: one per child holding any."""
+        return sum(1 for c in self._children if c.jobs)
 
     @property
     def alive(self) -> int:
@@ -192,7 +215,8 @@ class Pool:
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        """Jobs not running yet: in the local queue or queued in a child behind its head."""
+        return len(self._pending) + sum(max(len(c.jobs) - 1, 0) for c in self._children)
 
     def cpu_seconds(self) -> float:
         """CPU used by all children so far, retired ones included, as last reported."""
@@ -202,7 +226,10 @@ class Pool:
         return sum(c.rss for c in self._children)
 
     def take_pending(self) -> list[Job]:
-        """Remove and return the jobs that have not started (for a drain)."""
+        """Remove and return the jobs in the local queue (for a drain).
+
+        Jobs already queued in a child are not taken back: the child runs them next.
+        """
         jobs = list(self._pending)
         self._pending.clear()
         return jobs
@@ -210,7 +237,9 @@ class Pool:
     def abort(self, doomed: Callable[[Job], bool]) -> None:
         """Abandon every job for which ``doomed(job)`` is true, reporting it RETURNED.
 
-        Waiting jobs are dropped; a child running one is killed and replaced.
+        Jobs in the local queue are dropped at once. A child holding one (running or queued)
+        is killed and replaced; when it has exited its doomed jobs are reported and the others
+        go back to the front of the local queue, unreported.
         """
         dropped = [job for job in self._pending if doomed(job)]
         if dropped:
@@ -218,10 +247,13 @@ class Pool:
         for job in dropped:
             self._on_done(job, Outcome(OutcomeKind.RETURNED))
         for child in self._children:
-            if child.jobs and not child.aborting and doomed(child.jobs[0]):
-                child.aborting = True
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.kill()
+            hit = {job for job in child.jobs if doomed(job)}
+            if hit:
+                child.doomed |= hit
+                if not child.aborting:
+                    child.aborting = True
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.kill()
 
     def abort_running(self) -> None:
         """Kill every child without replacing it (the drain deadline passed)."""
@@ -329,19 +361,46 @@ class Pool:
     def _dispatch(self) -> None:
         if not self._pending:
             return
+        # Every idle child gets a job before any child gets a second one.
         for child in self._children:
             if not self._pending:
                 return
-            if child.jobs or child.retiring or child.aborting or child.proc.returncode is not None:
-                continue
-            self._send(child, self._pending.popleft())
+            if not child.jobs and self._accepts(child):
+                self._send(child, self._pending.popleft())
+        for child in self._children:
+            if not self._pending:
+                return
+            if (
+                0 < len(child.jobs) < _MAX_JOBS_PER_CHILD
+                and self._accepts(child)  # again: the first pass may have filled its quota
+                and self._is_short(child.jobs[0])
+            ):
+                self._send(child, self._pending.popleft())
+
+    def _accepts(self, child: _Child) -> bool:
+        """Whether ``child`` may be sent a job at all (idle or not)."""
+        if child.retiring or child.aborting or child.proc.returncode is not None:
+            return False
+        if child.proc.stdin is None or child.proc.stdin.is_closing():
+            return False
+        # Count what it already holds, so a child recycled after N tasks runs exactly N.
+        return not (self._max_tasks and child.tasks_done + len(child.jobs) >= self._max_tasks)
+
+    def _is_short(self, job: Job) -> bool:
+        mean = self._means.get(job.spec.name)
+        return mean is not None and mean < _PIPELINE_BELOW
+
+    def _observe(self, job: Job, seconds: float) -> None:
+        mean = self._means.get(job.spec.name)
+        self._means[job.spec.name] = (
+            seconds if mean is None else mean + _MEAN_WEIGHT * (seconds - mean)
+        )
 
     def _send(self, child: _Child, job: Job) -> None:
         job.id = next(self._ids)
-        job.started = self._loop.time()
         child.jobs.append(job)
-        limit = job.spec.time_limit or self._time_limit
-        child.timer = self._loop.call_later(limit, self._on_time_limit, child, job)
+        if len(child.jobs) == 1:
+            self._start_head(child)
         soft = job.spec.soft_time_limit
         frame = JobFrame(
             job.id,
@@ -357,6 +416,13 @@ class Pool:
         )
         assert child.proc.stdin is not None
         child.proc.stdin.write(frame.pack())
+
+    def _start_head(self, child: _Child) -> None:
+        """``child.jobs[0]`` has just started running: start its clock and hard time limit."""
+        job = child.jobs[0]
+        job.started = self._loop.time()
+        limit = job.spec.time_limit or self._time_limit
+        child.timer = self._loop.call_later(limit, self._on_time_limit, child, job)
 
     def _on_time_limit(self, child: _Child, job: Job) -> None:
         if child.jobs and child.jobs[0] is job:
@@ -388,6 +454,9 @@ class Pool:
         if child.timer is not None:
             child.timer.cancel()
             child.timer = None
+        self._observe(job, self._loop.time() - job.started)
+        if child.jobs:  # the child started the next job right after sending this result
+            self._start_head(child)
         child.tasks_done += 1
         job.cpu_seconds = max(0.0, result.cpu_seconds - child.cpu_seconds)
         child.cpu_seconds = result.cpu_seconds
@@ -412,21 +481,24 @@ class Pool:
             child.timer.cancel()
         self._children.discard(child)
         self._retired_cpu += child.cpu_seconds
-        jobs = child.jobs
+        jobs = list(child.jobs)
+        child.jobs.clear()
+        bystanders: list[Job] = []  # not to blame: they run again elsewhere
         if child.aborting:
             reason = RestartReason.ABORT
             for job in jobs:
-                self._on_done(job, Outcome(OutcomeKind.RETURNED))
+                if job in child.doomed:
+                    self._on_done(job, Outcome(OutcomeKind.RETURNED))
+                elif job is child.timed_out:  # its limit passed before the abort: its fault
+                    reason = RestartReason.TIMEOUT
+                    self._on_done(job, self._timeout(job))
+                else:
+                    bystanders.append(job)
         elif jobs:
-            first = jobs.popleft()
+            first, *bystanders = jobs  # the child runs jobs in order: only the first had begun
             if child.timed_out is first:
                 reason = RestartReason.TIMEOUT
-                limit = first.spec.time_limit or self._time_limit
-                outcome = Outcome(
-                    OutcomeKind.TIMEOUT,
-                    error_type="TimeLimitExceeded",
-                    error_message=f"hard time limit of {limit:g}s exceeded",
-                )
+                outcome = self._timeout(first)
             else:
                 reason = RestartReason.CRASH
                 outcome = Outcome(
@@ -443,8 +515,6 @@ class Pool:
                     extra=task_fields(first.spec.name, first.message_id, first.attempt),
                 )
             self._on_done(first, outcome)
-            for job in jobs:
-                self._on_done(job, Outcome(OutcomeKind.RETURNED))
         elif child.retiring is not None:
             reason = child.retiring
         elif self._closing:
@@ -452,10 +522,25 @@ class Pool:
         else:
             reason = RestartReason.CRASH
             log.error("idle pool child %d died: %s", child.pid, _describe_exit(code))
-        jobs.clear()
+        if self._closing:  # no child will run them: hand them back
+            for job in bystanders:
+                self._on_done(job, Outcome(OutcomeKind.RETURNED))
+        else:
+            for job in reversed(bystanders):
+                job.id, job.started = 0, 0.0
+                self._pending.appendleft(job)
         if reason is not None:
             self._respawn(reason)
         self._dispatch()
+
+    def _timeout(self, job: Job) -> Outcome:
+        self._observe(job, self._loop.time() - job.started)  # nothing is queued behind it now
+        limit = job.spec.time_limit or self._time_limit
+        return Outcome(
+            OutcomeKind.TIMEOUT,
+            error_type="TimeLimitExceeded",
+            error_message=f"hard time limit of {limit:g}s exceeded",
+        )
 
 
 def _outcome(result: ResultFrame) -> Outcome:

@@ -261,12 +261,14 @@ class Worker:
             await self.settler.requeue(job.delivery, counted=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
-        while pool.running and loop.time() < deadline and not self._deadline_now.is_set():
+        # in_flight, not running: jobs already queued in a child run next, and those it held
+        # when it died go back to the pool's queue to run on its replacement.
+        while pool.in_flight and loop.time() < deadline and not self._deadline_now.is_set():
             await _wait_any(self._deadline_now, min(0.05, deadline - loop.time()))
-        if pool.running:
-            log.warning("drain deadline passed: returning %d running task(s)", pool.running)
+        if pool.in_flight:
+            log.warning("drain deadline passed: returning %d unfinished task(s)", pool.in_flight)
             pool.abort_running()
-            while pool.running:
+            while pool.in_flight:
                 await asyncio.sleep(0.01)
         while self._settling:
             await asyncio.wait(list(self._settling))

@@ -18,7 +18,15 @@ import pytest
 
 import tests.pool_tasks  # noqa: F401  (registers the tasks in this process too)
 from service import protocol, registry
-from service.pool import Job, Outcome, OutcomeKind, Pool, PoolStartError, RestartReason
+from service.pool import (
+    _PIPELINE_BELOW,
+    Job,
+    Outcome,
+    OutcomeKind,
+    Pool,
+    PoolStartError,
+    RestartReason,
+)
 from service.protocol import JSON, MSGPACK, Reason
 from service.registry import TaskSpec
 
@@ -437,6 +445,198 @@ async def test_max_memory_per_child_recycles() -> None:
         await eventually(lambda: h.restarts == [RestartReason.RECYCLE_MEMORY])
         await eventually(lambda: h.pool.alive == 1 and h.pool.child_pids() != [pid])
         assert result_of(await h.run(job("hold", 1))) == 1  # a fresh child holds nothing
+
+
+# -- pipelining ------------------------------------------------------------------------------------
+
+
+def held(pool: Pool) -> list[int]:
+    """How many jobs each child holds (running plus queued), largest first."""
+    return sorted((len(c.jobs) for c in pool._children), reverse=True)
+
+
+def seed_mean(pool: Pool, name: str, seconds: float = 0.001) -> None:
+    """Make the pool believe ``name`` usually takes ``seconds``, so pipelining is decided now."""
+    pool._means[f"{TASKS}.{name}"] = seconds
+
+
+def spy_depths(pool: Pool) -> list[int]:
+    """Record, for every job sent, how many jobs its child held right after."""
+    depths: list[int] = []
+    send = pool._send
+
+    def spying(child: Any, j: Job) -> None:
+        send(child, j)
+        depths.append(len(child.jobs))
+
+    pool._send = spying  # type: ignore[method-assign]
+    return depths
+
+
+async def settle_down(h: Harness) -> None:
+    """Give a late (wrong) second report time to arrive, then check there was none."""
+    await asyncio.sleep(0.3)
+    assert h.done.empty(), "a job was reported twice"
+
+
+async def test_short_tasks_are_pipelined() -> None:
+    async with running_pool(size=2) as h:
+        depths = spy_depths(h.pool)
+        jobs = [job("add", i, 1) for i in range(200)]
+        h.submit(*jobs)
+        assert held(h.pool) == [1, 1]  # nothing measured yet: one each
+        outcomes = await h.wait(*jobs)
+        assert [result_of(o) for o in outcomes] == [i + 1 for i in range(200)]
+        assert h.pool._means[f"{TASKS}.add"] < _PIPELINE_BELOW
+        assert max(depths) == 2, "no job was ever queued behind a short one"
+        assert h.pool.in_flight == 0
+
+
+async def test_idle_children_come_first_and_counts_stay_truthful() -> None:
+    async with running_pool(size=2) as h:
+        seed_mean(h.pool, "sleep_then")
+        jobs = [job("sleep_then", 0.2, i) for i in range(5)]
+        h.submit(jobs[0], jobs[1])
+        assert held(h.pool) == [1, 1]  # both children busy before either gets a second job
+        h.submit(*jobs[2:])
+        assert held(h.pool) == [2, 2]  # then one queued each, at most
+        assert (h.pool.running, h.pool.waiting, h.pool.in_flight) == (2, 3, 5)
+        outcomes = await h.wait(*jobs)
+        assert [result_of(o) for o in outcomes] == [0, 1, 2, 3, 4]
+        assert (h.pool.running, h.pool.waiting, h.pool.in_flight) == (0, 0, 0)
+
+
+async def test_nothing_is_queued_behind_a_long_task() -> None:
+    async with running_pool(size=2) as h:
+        depths = spy_depths(h.pool)
+        assert result_of(await h.run(job("sleep_then", 0.1, "learn"))) == "learn"
+        assert h.pool._means[f"{TASKS}.sleep_then"] >= _PIPELINE_BELOW
+        one = job("sleep_then", 0.3, 1)
+        h.submit(one)
+        await asyncio.sleep(0.05)
+        h.submit(job("add", 1, 1))  # goes to the idle child, not behind `one`
+        assert held(h.pool) == [1, 1]
+        jobs = [job("sleep_then", 0.1, i) for i in range(6)]
+        h.submit(*jobs)
+        assert held(h.pool)[0] == 1
+        assert h.pool.waiting == 6
+        await h.wait(one, *jobs)
+        assert set(depths) == {1}, "a job was queued behind a long task"
+
+
+async def test_killed_child_blames_only_its_running_job() -> None:
+    async with running_pool(size=1) as h:
+        seed_mean(h.pool, "sleep_then")
+        (old_pid,) = h.pool.child_pids()
+        head = job("sleep_then", 30, "head", message_id="head")
+        queued = job("pid", message_id="queued")
+        h.submit(head, queued)
+        assert held(h.pool) == [2]
+        first_id = queued.id
+        await asyncio.sleep(0.2)  # the child is inside `head`
+        os.kill(old_pid, signal.SIGKILL)
+        crashed, ran = await h.wait(head, queued)
+        assert crashed.kind is OutcomeKind.CRASHED
+        assert crashed.error_type == "ChildDied"
+        assert result_of(ran) != old_pid  # ran on the replacement, and was reported once
+        assert queued.id != first_id
+        assert h.order == [head, queued]
+        assert h.restarts == [RestartReason.CRASH]
+        await settle_down(h)
+
+
+async def test_timed_out_child_blames_only_its_running_job() -> None:
+    async with running_pool(size=1) as h:
+        seed_mean(h.pool, "sleep_forever")
+        head = job("sleep_forever", message_id="head")
+        queued = job("add", 2, 3, message_id="queued")
+        h.submit(head, queued)
+        assert held(h.pool) == [2]
+        timed_out, ran = await h.wait(head, queued)
+        assert timed_out.kind is OutcomeKind.TIMEOUT
+        assert result_of(ran) == 5
+        assert h.restarts == [RestartReason.TIMEOUT]
+        # A timeout counts as a long run: nothing is queued behind that task any more.
+        assert h.pool._means[f"{TASKS}.sleep_forever"] >= _PIPELINE_BELOW
+        await settle_down(h)
+
+
+async def test_queued_job_time_limit_starts_when_it_runs() -> None:
+    # Each job takes 0.5s, under the 0.8s limit; both together take 1s, over it.
+    async with running_pool(size=1, time_limit=0.8) as h:
+        seed_mean(h.pool, "sleep_then")
+        first = job("sleep_then", 0.5, "first")
+        second = job("sleep_then", 0.5, "second")
+        h.submit(first, second)
+        assert held(h.pool) == [2]
+        assert second.started == 0.0  # queued, not running: no clock yet
+        outcomes = await h.wait(first, second)
+        assert [result_of(o) for o in outcomes] == ["first", "second"]
+        assert second.started - first.started >= 0.45
+        assert h.restarts == []
+
+
+async def test_abort_with_a_doomed_queued_job() -> None:
+    async with running_pool(size=1) as h:
+        seed_mean(h.pool, "sleep_then")
+        head = job("sleep_then", 0.5, "head", message_id="keep")
+        queued = job("add", 1, 1, message_id="doomed")
+        pending_doomed = job("add", 2, 2, message_id="doomed")
+        pending_kept = job("add", 3, 3, message_id="keep")
+        h.submit(head, queued, pending_doomed, pending_kept)
+        assert held(h.pool) == [2]
+        await asyncio.sleep(0.1)
+        h.pool.abort(lambda j: j.message_id == "doomed")
+        reported, outcome = h.done.get_nowait()  # dropped from the local queue at once
+        assert reported is pending_doomed
+        assert outcome.kind is OutcomeKind.RETURNED
+        ran, returned, kept = await h.wait(head, queued, pending_kept)
+        assert returned.kind is OutcomeKind.RETURNED
+        assert result_of(ran) == "head"  # cut short by the kill, so it ran again elsewhere
+        assert result_of(kept) == 6
+        assert h.restarts == [RestartReason.ABORT]
+        await settle_down(h)
+
+
+async def test_abort_after_a_time_limit_still_blames_the_timeout() -> None:
+    async with running_pool(size=1) as h:
+        seed_mean(h.pool, "sleep_then")
+        head = job("sleep_then", 30, "late", message_id="keep")
+        queued = job("add", 1, 1, message_id="doomed")
+        h.submit(head, queued)
+        (child,) = h.pool._children
+        # The limit passes and, before the child's exit is seen, the queued job is abandoned.
+        h.pool._on_time_limit(child, head)
+        h.pool.abort(lambda j: j.message_id == "doomed")
+        timed_out, returned = await h.wait(head, queued)
+        assert timed_out.kind is OutcomeKind.TIMEOUT
+        assert returned.kind is OutcomeKind.RETURNED
+        assert h.restarts == [RestartReason.TIMEOUT]
+        await settle_down(h)
+
+
+async def test_abort_running_returns_queued_jobs_too() -> None:
+    async with running_pool(size=1) as h:
+        seed_mean(h.pool, "sleep_then")
+        head = job("sleep_then", 30, "never")
+        queued = job("add", 1, 2)
+        h.submit(head, queued)
+        assert h.pool.take_pending() == []  # queued in the child, not in the local queue
+        h.pool.abort_running()
+        outcomes = await h.wait(head, queued, timeout=5)
+        assert [o.kind for o in outcomes] == [OutcomeKind.RETURNED] * 2
+        assert h.pool.in_flight == 0
+
+
+async def test_max_tasks_per_child_is_exact_with_pipelining() -> None:
+    async with running_pool(size=1, max_tasks_per_child=2) as h:
+        seed_mean(h.pool, "pid")
+        jobs = [job("pid") for _ in range(3)]
+        h.submit(*jobs)
+        assert held(h.pool) == [2]
+        first, second, third = (result_of(o) for o in await h.wait(*jobs))
+        assert first == second != third
+        assert h.restarts == [RestartReason.RECYCLE_TASKS]
 
 
 # -- start, drain, close ---------------------------------------------------------------------------
