@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from service import protocol, topology
+from service.acks import ChannelAcks
 from service.broker import CONNECTION_ERRORS, connect, safe_url
 from service.pool import Job
 from service.protocol import Reason
@@ -98,7 +99,10 @@ def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> in
 
 
 class Consumer:
-    """Keeps one consumer on ``queue`` with prefetch ``prefetch`` until `close` is called."""
+    """Keeps one consumer on ``queue`` until `close` is called.
+
+    ``prefetch`` is the first window; `resize` changes it while consuming.
+    """
 
     def __init__(
         self,
@@ -112,7 +116,8 @@ class Consumer:
     ) -> None:
         self._url = url
         self._queue_name = queue
-        self._prefetch = prefetch
+        self.prefetch = prefetch  # the window wanted; the consumer on the broker follows it
+        self._applied = 0  # the window of the consumer registered now (0: none)
         self._on_message = on_message
         self._on_lost = on_lost
         self._name = name
@@ -120,6 +125,7 @@ class Consumer:
         self._paused = False
         self._closed = False
         self._queue: AbstractQueue | None = None
+        self._acks: ChannelAcks | None = None
         self._tag: str | None = None
         self.consuming = False
         self.connected = False
@@ -174,7 +180,6 @@ class Consumer:
             connection.close_callbacks.add(on_lost)
             channel = await connection.channel(publisher_confirms=False)
             channel.close_callbacks.add(on_lost)
-            await channel.set_qos(prefetch_count=self._prefetch)
             await topology.declare_delays(channel)
             cancelled = asyncio.Event()
 
@@ -184,6 +189,7 @@ class Consumer:
 
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
+            self._acks = ChannelAcks(underlay)
             if self._ever_connected:
                 self.reconnects += 1
             self.connected = self._ever_connected = True
@@ -191,17 +197,19 @@ class Consumer:
                 if not self._paused and not self.consuming:
                     cancelled.clear()
                     self._queue = await topology.declare_queue(channel, self._queue_name)
-                    self._tag = await self._queue.consume(self._on_message, no_ack=False)
+                    self._applied = await self._consume(channel)
                     self.consuming = True
                     self.started.set()
                     log.info(
                         "consuming from %r (prefetch %d) at %s",
                         self._queue_name,
-                        self._prefetch,
+                        self._applied,
                         safe_url(self._url),
                     )
                 elif self._paused and self.consuming:
                     await self._cancel_consumer()
+                elif self.consuming and self.prefetch != self._applied:
+                    await self._reconsume(channel)
                 await self._wake.wait()
                 self._wake.clear()
                 if cancelled.is_set() and self.consuming:
@@ -218,9 +226,88 @@ class Consumer:
                 with contextlib.suppress(*CONNECTION_ERRORS):
                     await connection.close()
 
+    async def _consume(self, channel: AbstractChannel) -> int:
+        assert self._queue is not None
+        prefetch = self.prefetch
+        await channel.set_qos(prefetch_count=prefetch)
+        self._tag = await self._queue.consume(self._deliver, no_ack=False)
+        return prefetch
+
+    async def _reconsume(self, channel: AbstractChannel) -> None:
+        """Apply a new window: a second consumer with it, then cancel the first.
+
+        RabbitMQ (3.10 at least) applies ``basic.qos`` only to consumers registered after it on
+        a quorum queue. Deliveries already made to the old consumer stay valid on the channel,
+        and the broker sends none after its cancel-ok, so nothing is lost or stuck.
+        """
+        old, before = self._tag, self._applied
+        prefetch = await self._consume(channel)
+        if self._queue is not None and old is not None:
+            async with asyncio.timeout(5):
+                await self._queue.cancel(old)
+        self._applied = prefetch
+        log.debug("prefetch window %d -> %d on %r", before, prefetch, self._queue_name)
+
+    @property
+    def tag(self) -> str | None:
+        """The consumer tag deliveries come to now."""
+        return self._tag
+
+    @property
+    def window_applied(self) -> bool:
+        """True when the one consumer on the broker has the window asked for."""
+        return self.consuming and self._applied == self.prefetch
+
+    def _deliver(self, message: AbstractIncomingMessage) -> Any:
+        if self._acks is not None and message.channel is self._acks.channel:
+            assert message.delivery_tag is not None
+            self._acks.delivered(message.delivery_tag)
+        return self._on_message(message)
+
+    # Settling (the `service.settle.Acks` interface): through the channel's `ChannelAcks`, so
+    # acks that fall due together go out as one.
+
+    def _tracker(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+        acks = self._acks
+        # message.channel raises once its channel has closed: the caller treats that as stale.
+        if acks is not None and message.channel is acks.channel:
+            return acks
+        return None
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        acks = self._tracker(message)
+        if acks is None:
+            await message.ack()
+        else:
+            assert message.delivery_tag is not None
+            await acks.ack(message.delivery_tag)
+
+    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        acks = self._tracker(message)
+        if acks is None:
+            await message.nack(requeue=requeue)
+        else:
+            assert message.delivery_tag is not None
+            await acks.nack(message.delivery_tag, requeue=requeue)
+
+    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        acks = self._tracker(message)
+        if acks is None:
+            await message.reject(requeue=requeue)
+        else:
+            assert message.delivery_tag is not None
+            await acks.reject(message.delivery_tag, requeue=requeue)
+
+    def resize(self, prefetch: int) -> None:
+        """Ask for a new window; applied by re-consuming, never by dropping deliveries."""
+        if prefetch != self.prefetch:
+            self.prefetch = prefetch
+            self._wake.set()
+
     async def _cancel_consumer(self) -> None:
         queue, tag = self._queue, self._tag
         self.consuming = False
+        self._applied = 0
         if queue is not None and tag is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 async with asyncio.timeout(5):

@@ -225,14 +225,25 @@ class Pool:
     def resident_bytes(self) -> int:
         return sum(c.rss for c in self._children)
 
-    def take_pending(self) -> list[Job]:
-        """Remove and return the jobs in the local queue (for a drain).
+    def take_pending(self, where: Callable[[Job], bool] | None = None) -> list[Job]:
+        """Remove and return the jobs in the local queue: all of them (for a drain), or those
+        for which ``where(job)`` is true.
 
         Jobs already queued in a child are not taken back: the child runs them next.
         """
-        jobs = list(self._pending)
-        self._pending.clear()
+        if where is None:
+            jobs = list(self._pending)
+            self._pending.clear()
+            return jobs
+        jobs = [job for job in self._pending if where(job)]
+        if jobs:
+            self._pending = deque(job for job in self._pending if not where(job))
         return jobs
+
+    def longest_running(self) -> float:
+        """Seconds the oldest running job has been running (0 when none is)."""
+        starts = [c.jobs[0].started for c in self._children if c.jobs and c.jobs[0].started]
+        return self._loop.time() - min(starts) if starts else 0.0
 
     def abort(self, doomed: Callable[[Job], bool]) -> None:
         """Abandon every job for which ``doomed(job)`` is true, reporting it RETURNED.

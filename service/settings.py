@@ -55,6 +55,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text!r} must be 0 or a positive number of seconds")
+    return value
+
+
 def _modules(text: str) -> list[str]:
     modules = [m.strip() for m in text.split(",") if m.strip()]
     if not modules:
@@ -108,7 +115,15 @@ class Settings:
         None, _positive_int, "pool size (default: usable CPUs, honouring affinity and cgroups)"
     )
     prefetch_buffer: int = _setting(
-        2, _non_negative_int, "deliveries held beyond the pool size; prefetch = concurrency + this"
+        2,
+        _non_negative_int,
+        "deliveries always held beyond the pool size; the first prefetch is concurrency + this",
+    )
+    prefetch_time: float = _setting(
+        0.1,
+        _non_negative_float,
+        "seconds of measured work per child to hold beyond the running tasks, so short tasks "
+        "get a deep prefetch and long ones a shallow one (0: fixed prefetch)",
     )
     drain_timeout: float = _setting(
         25.0, _positive_float, "seconds SIGTERM lets running tasks finish before returning them"

@@ -23,11 +23,13 @@ import random
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service import protocol, topology
+from service.acks import DirectAcks
 from service.broker import CONNECTION_ERRORS, Publisher, PublishError
 from service.copies import copy_message, publisher_headers
 from service.logs import task_fields
@@ -82,19 +84,34 @@ def decide(job: Job, outcome: Outcome) -> Action:
     return Action.RETURN
 
 
+class Acks(Protocol):
+    """Sends the ack, nack or reject of a delivery (`service.consumer.Consumer` batches them)."""
+
+    async def ack(self, message: AbstractIncomingMessage) -> None: ...
+
+    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None: ...
+
+    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None: ...
+
+
 class Settler:
     """Carries out settle decisions for one queue; ``on_settled(action, reason)`` is told what
-    actually happened to each delivery (a publish that fails turns a decision into RETURN)."""
+    actually happened to each delivery (a publish that fails turns a decision into RETURN).
+
+    ``acks`` sends the final ack, nack or reject (default: through the message itself).
+    """
 
     def __init__(
         self,
         publisher: Publisher,
         queue: str,
         *,
+        acks: Acks | None = None,
         on_settled: Callable[[str, str | None], None] = lambda action, reason: None,
     ) -> None:
         self.publisher = publisher
         self.queue = queue
+        self._acks: Acks = acks or DirectAcks()
         self._on_settled = on_settled
 
     async def settle(self, job: Job, outcome: Outcome, action: Action) -> None:
@@ -204,9 +221,9 @@ class Settler:
             return
         try:
             if counted:
-                await message.reject(requeue=True)
+                await self._acks.reject(message, requeue=True)
             else:
-                await message.nack(requeue=True)
+                await self._acks.nack(message, requeue=True)
         except CONNECTION_ERRORS:
             self._on_settled(Action.STALE, None)
             return
@@ -267,7 +284,7 @@ class Settler:
         self, message: AbstractIncomingMessage, action: Action, reason: Reason | None = None
     ) -> None:
         try:
-            await message.ack()
+            await self._acks.ack(message)
         except CONNECTION_ERRORS:
             # The channel closed between the publish and the ack: the broker redelivers it.
             self._on_settled(Action.STALE, None)

@@ -1,8 +1,9 @@
 """The worker: wires consumer → pool → settler and owns start-up and the SIGTERM drain.
 
-Drain, in order: stop receiving (basic.cancel); hand back deliveries that have not started
-(nack, uncounted); let running tasks finish until ``drain_timeout``, settling each as usual;
-then kill what is still running and hand it back too; close; exit 0.
+Drain, in order: stop receiving (basic.cancel); hand back deliveries still waiting in the
+parent (nack, uncounted); let the tasks the children hold (running, or queued behind a short
+one) finish until ``drain_timeout``, settling each as usual; then kill what is still running
+and hand it back too; close; exit 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -27,6 +29,7 @@ from service.protocol import DUE_HEADER, TASK_HEADER
 from service.registry import import_task_modules, lookup, registered
 from service.settings import Settings
 from service.settle import Action, Settler, decide, is_stale
+from service.window import PrefetchWindow, worth_changing
 
 _OUTCOME_LABELS = {
     OutcomeKind.OK: "success",
@@ -38,6 +41,9 @@ _OUTCOME_LABELS = {
 
 log = logging.getLogger(__name__)
 
+_GROW_EVERY = 0.25  # seconds between two steps up of the prefetch window
+_HAND_BACK_AFTER = 1.0  # a task running this long makes surplus deliveries go back
+
 
 class Worker:
     def __init__(self, settings: Settings) -> None:
@@ -45,7 +51,6 @@ class Worker:
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
         self.metrics = Metrics(settings.queue, vhost=_vhost(settings.broker_url))
         self.publisher = Publisher(settings.broker_url, name=name + " publish")
-        self.settler = Settler(self.publisher, settings.queue, on_settled=self.metrics.on_settled)
         self.consumer = Consumer(
             settings.broker_url,
             settings.queue,
@@ -54,6 +59,18 @@ class Worker:
             on_lost=self._on_connection_lost,
             name=name + " consume",
         )
+        self.settler = Settler(
+            self.publisher,
+            settings.queue,
+            acks=self.consumer,
+            on_settled=self.metrics.on_settled,
+        )
+        self.window = PrefetchWindow(
+            concurrency=settings.concurrency,
+            minimum_buffer=settings.prefetch_buffer,
+            seconds=settings.prefetch_time,
+        )
+        self._grown_at = -_GROW_EVERY
         self.pool: Pool | None = None
         self.draining = False
         self._stop = asyncio.Event()
@@ -63,9 +80,11 @@ class Worker:
 
     # -- flow -----------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Plain function, not a coroutine: it never waits, and aio-pika would otherwise make a
+        # task per delivery.
         if self.draining or self.pool is None:
-            await self.settler.requeue(message, counted=False)
+            self._track(self.settler.requeue(message, counted=False))
             return
         task = message.headers.get(TASK_HEADER)
         label = task if isinstance(task, str) and lookup(task) is not None else UNKNOWN_TASK
@@ -83,7 +102,9 @@ class Worker:
                 verdict.detail,
             )
             self.metrics.on_finished(label, "rejected", 0.0, 0.0)
-            await self.settler.dead_letter(message, verdict.reason, verdict.reason, verdict.detail)
+            self._track(
+                self.settler.dead_letter(message, verdict.reason, verdict.reason, verdict.detail)
+            )
             return
         self.pool.submit(verdict)
 
@@ -100,10 +121,62 @@ class Worker:
         if label is not None:
             if outcome.kind is OutcomeKind.ERROR and action is Action.RETRY:
                 label = "retried"
-            self.metrics.on_finished(
-                job.spec.name, label, loop.time() - job.started, job.cpu_seconds
-            )
-        task = loop.create_task(self.settler.settle(job, outcome, action))
+            took = loop.time() - job.started
+            self.metrics.on_finished(job.spec.name, label, took, job.cpu_seconds)
+            if outcome.kind is not OutcomeKind.REJECTED:
+                self.window.observe(took)
+                self._fit_window()
+        self._track(self.settler.settle(job, outcome, action))
+
+    def _fit_window(self) -> None:
+        """Resize the prefetch window to the work measured.
+
+        It grows at most fourfold per step and one step per `_GROW_EVERY`, so a burst of fast
+        tasks after a slow one does not swing it at once. When a task has run longer than
+        `_HAND_BACK_AFTER` and the shrunk window is in place, deliveries that have not started
+        and came under the old window go back to the queue for idle hosts: a host that
+        prefetched hundreds of tasks while they were fast must not sit on them once they turn
+        slow.
+        """
+        pool = self.pool
+        if pool is None or self.draining:
+            return
+        longest = pool.longest_running()
+        wanted = self.window.size(longest)
+        current = self.consumer.prefetch
+        if wanted > current:
+            now = asyncio.get_running_loop().time()
+            wanted = min(wanted, current * 4)
+            if now - self._grown_at >= _GROW_EVERY and worth_changing(current, wanted):
+                self._grown_at = now
+                self.consumer.resize(wanted)
+        elif worth_changing(current, wanted):
+            self.consumer.resize(wanted)
+        if longest >= _HAND_BACK_AFTER and self.consumer.window_applied:
+            # Deliveries made to an earlier consumer were taken under a wider window; the
+            # current consumer's own are bounded by the one it has. Handing back only the
+            # former cannot loop: the current consumer is not given more than its window.
+            tag = self.consumer.tag
+            surplus = pool.take_pending(lambda job: job.delivery.consumer_tag != tag)
+            if surplus:
+                log.info(
+                    "a task has run %.1fs: prefetch window now %d; returning %d waiting "
+                    "deliveries to the queue",
+                    longest,
+                    self.consumer.prefetch,
+                    len(surplus),
+                )
+            for job in surplus:
+                self._track(self.settler.requeue(job.delivery, counted=False))
+
+    async def _watch_window(self) -> None:
+        # A task that runs far longer than the estimate says so before it finishes.
+        while True:
+            await asyncio.sleep(0.5)
+            self._fit_window()
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._settling.add(task)
         task.add_done_callback(self._settled)
 
@@ -206,10 +279,12 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         consuming = loop.create_task(self.consumer.run())
+        watching = loop.create_task(self._watch_window())
         try:
             await self._stop.wait()
             await self.drain()
         finally:
+            watching.cancel()
             self.consumer.close()
             await consuming
             await self.publisher.close()

@@ -80,6 +80,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.concurrency == 7
     assert s.prefetch_buffer == 2
     assert s.prefetch == 9
+    assert s.prefetch_time == 0.1
+    assert load({"prefetch_time": "0"}, {}).prefetch_time == 0.0
     assert s.drain_timeout == 25.0
     assert s.time_limit == 840.0
     assert s.consumer_timeout == 1800.0
@@ -194,6 +196,9 @@ BAD_VALUES = [
     ("concurrency", "0"),
     ("concurrency", "-3"),
     ("prefetch_buffer", "-1"),
+    ("prefetch_time", "-0.1"),
+    ("prefetch_time", "nan"),
+    ("prefetch_time", "inf"),
     ("drain_timeout", "0"),
     ("time_limit", "-1"),
     ("time_limit", "nan"),

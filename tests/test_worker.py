@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from service import AsyncClient, Client, TaskError, protocol
-from tests.conftest import Broker, Vhost, executions, until
+from tests.conftest import Broker, Vhost, check, executions, rabbitmqctl, until
 
 
 def dlq(queue: str) -> str:
@@ -317,3 +317,57 @@ async def test_queue_with_other_arguments_is_reported_not_hidden(
     assert await until(lambda: "exists with other arguments" in worker.log(), 20), worker.log()
     assert "consuming from" not in worker.log()
     assert "ERROR" in worker.log() and "Traceback" not in worker.log()
+
+
+def consumer_prefetches(vhost: Vhost, queue: str) -> list[int]:
+    """The prefetch count of every consumer on ``queue``, from the broker."""
+    out = rabbitmqctl("list_consumers", "-p", vhost.name, "queue_name", "prefetch_count")
+    return [int(p) for q, p in (line.split("\t") for line in out.splitlines()) if q == queue]
+
+
+async def test_prefetch_window_grows_for_short_tasks(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any
+) -> None:
+    """Sub-millisecond tasks: the one consumer is re-registered with a deep window."""
+    await start_worker()
+    assert consumer_prefetches(vhost, queue) == [4]  # 2 children + buffer 2 until measured
+    ids = await asyncio.gather(*(broker.publish(queue, "tests.tasks.noop") for _ in range(3000)))
+    assert len(set(ids)) == 3000
+    seen: list[list[int]] = []
+
+    def grown() -> bool:
+        seen.append(consumer_prefetches(vhost, queue))
+        return len(seen[-1]) == 1 and seen[-1][0] > 16
+
+    assert await until(grown, 30, interval=0.2), seen[-5:]
+    assert await until(lambda: vhost.queue_counts(queue)["unacked"] == 0, 30)
+    assert await broker.ready(queue) == 0
+
+
+async def test_slow_tasks_after_fast_ones_are_handed_back(
+    vhost: Vhost, queue: str, broker: Broker, start_worker: Any, exec_log: Path
+) -> None:
+    """Once a task has run over a second, deliveries beyond the shrunk window go back to the
+    queue (for other hosts), and every task still runs exactly once."""
+    await start_worker()
+    await asyncio.gather(*(broker.publish(queue, "tests.tasks.noop") for _ in range(3000)))
+    assert await until(lambda: consumer_prefetches(vhost, queue)[:1] > [16], 30, interval=0.2)
+    assert await until(lambda: vhost.queue_counts(queue)["unacked"] == 0, 30)
+    slow = [await broker.publish(queue, "tests.tasks.work", 1.5) for _ in range(16)]
+    # All 16 fit in the deep window, so the worker takes them at once. A second into the
+    # first two runs it re-consumes with a window of 4 and hands back the 14 that had not
+    # started; the new consumer takes 4 of them, so at least 10 are ready again.
+    returned: list[int] = []
+
+    async def handed_back() -> bool:
+        returned.append(await broker.ready(queue))
+        return returned[-1] >= 10
+
+    deadline = time.monotonic() + 10
+    while not await handed_back():
+        assert time.monotonic() < deadline, returned
+        await asyncio.sleep(0.1)
+    assert await until(lambda: consumer_prefetches(vhost, queue) == [4], 10)
+    assert await until(lambda: len(check(set(slow), exec_log).lost) == 0, 40)
+    report = check(set(slow), exec_log)
+    assert not report.duplicated and not report.unexpected

@@ -1,0 +1,106 @@
+"""Settling one channel's deliveries, with acks coalesced into ``basic.ack multiple=True``.
+
+Every ack is a frame to write and, on a quorum queue, a Raft command for the broker. Acks that
+become due in the same event-loop turn are sent together: one ``multiple=True`` ack for the
+longest run of consecutive delivery tags that are all settled, and a plain ack for each of the
+rest. It stays exact because a multiple ack covers only tags at or below its own, and it is
+sent only below the lowest delivery still unsettled, so everything it covers is either due now
+or was settled on its own (ack, nack, reject) first. Tags on a channel are consecutive from 1
+and only this consumer receives on it, so "every delivery is tracked" is checkable: a gap
+(which should never happen) switches the channel to plain acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiormq.abc
+from aio_pika.abc import AbstractIncomingMessage
+
+
+class ChannelAcks:
+    """Tracks every delivery on ``channel`` from `delivered` until it is settled."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._open: set[int] = set()  # delivered, not settled, not due: at most the prefetch
+        self._due: set[int] = set()  # acks not yet sent
+        self._last = 0  # highest tag delivered
+        self.exact = True  # False after a gap in the tags: plain acks only
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    def delivered(self, tag: int) -> None:
+        if tag != self._last + 1:
+            self.exact = False
+        self._last = max(self._last, tag)
+        self._open.add(tag)
+
+    async def ack(self, tag: int) -> None:
+        """Ack ``tag`` with the others due this turn; raises if the channel has closed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._open.discard(tag)
+        self._due.add(tag)
+        self._waiters.append(waiter)
+        if self._flushing is None:
+            self._flushing = loop.create_task(self._flush())
+        await waiter
+
+    async def nack(self, tag: int, *, requeue: bool) -> None:
+        # Unmarked and queued in this same step, so a multiple ack that covers this tag is
+        # always written after it.
+        self._open.discard(tag)
+        await self.channel.basic_nack(tag, requeue=requeue)
+
+    async def reject(self, tag: int, *, requeue: bool) -> None:
+        self._open.discard(tag)
+        await self.channel.basic_reject(tag, requeue=requeue)
+
+    async def _flush(self) -> None:
+        # Created by the first ack of a turn, so it runs after every settle step of that turn.
+        try:
+            while self._due:
+                waiters, self._waiters = self._waiters, []
+                try:
+                    await self._send()
+                except Exception as exc:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            self._flushing = None
+
+    async def _send(self) -> None:
+        due = sorted(self._due)
+        self._due.clear()
+        lowest_open = min(self._open, default=self._last + 1)
+        covered = 0
+        if self.exact:
+            for tag in due:
+                if tag > lowest_open:
+                    break
+                covered += 1
+        frames = [(tag, False) for tag in due[covered:]]
+        if covered:
+            frames.insert(0, (due[covered - 1], covered > 1))
+        for i, (tag, multiple) in enumerate(frames, 1):
+            # Only the last waits until written; frames go out in order.
+            await self.channel.basic_ack(tag, multiple=multiple, wait=i == len(frames))
+
+
+class DirectAcks:
+    """Settles through the message itself: for deliveries no `ChannelAcks` tracks."""
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+
+    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        await message.nack(requeue=requeue)
+
+    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        await message.reject(requeue=requeue)

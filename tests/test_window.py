@@ -1,0 +1,60 @@
+"""The prefetch window's sizing rule (pure logic; the re-consume is tested end to end)."""
+
+from __future__ import annotations
+
+from service.window import MAX_PREFETCH, PrefetchWindow, worth_changing
+
+
+def window(seconds: float = 0.1) -> PrefetchWindow:
+    return PrefetchWindow(concurrency=2, minimum_buffer=2, seconds=seconds)
+
+
+def test_minimum_until_a_task_has_finished() -> None:
+    assert window().size() == 4
+
+
+def test_short_tasks_get_a_deep_window_long_ones_the_minimum() -> None:
+    w = window()
+    w.observe(0.001)  # 2 children x 0.1 s / 1 ms = 200 deliveries of buffer
+    assert w.size() == 2 + 200
+    w.observe(5.0)
+    assert w.size() == 4
+
+
+def test_capped() -> None:
+    w = window()
+    w.observe(1e-7)
+    assert w.size() == MAX_PREFETCH
+
+
+def test_rises_at_once_falls_slowly() -> None:
+    w = window()
+    w.observe(0.001)
+    w.observe(0.5)  # one slow task: the window collapses at once
+    assert w.estimate == 0.5
+    w.observe(0.001)
+    assert w.estimate is not None and 0.39 < w.estimate < 0.41  # ...and recovers over samples
+    for _ in range(60):
+        w.observe(0.001)
+    assert w.size() > 150
+
+
+def test_a_long_running_task_shrinks_it_before_it_finishes() -> None:
+    w = window()
+    w.observe(0.001)
+    assert w.size(longest_running=0.0005) == 202  # younger than the estimate: no effect
+    assert w.size(longest_running=3.0) == 4
+
+
+def test_zero_seconds_means_fixed() -> None:
+    w = window(seconds=0)
+    w.observe(1e-6)
+    assert w.size() == 4
+
+
+def test_worth_changing_ignores_noise() -> None:
+    assert not worth_changing(100, 120)
+    assert not worth_changing(100, 60)
+    assert worth_changing(100, 200)
+    assert worth_changing(100, 50)
+    assert not worth_changing(4, 4)
