@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import inspect
 import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO
 
@@ -131,11 +133,19 @@ class Runner:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    # Building a signature costs about as much as the rest of a no-op job: once per task.
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 def _bind(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
     # Checked before the call so a TypeError raised inside the task is a failure, not bad input.
-    try:
-        signature = inspect.signature(spec.fn)
-    except (TypeError, ValueError):
+    signature = _signature(spec.fn)
+    if signature is None:
         return
     try:
         signature.bind(*args, **kwargs)

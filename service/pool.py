@@ -9,8 +9,9 @@ is blamed on exactly that job, the job queued behind it goes back to the pool's 
 unreported to run on another child, and the other children keep running. The stdlib
 `ProcessPoolExecutor` instead fails every in-flight future when one child dies.
 
-A child's pipe carries length-prefixed frames (`service.pipe`); the parent reads them with one
-reader task per child and never decodes task arguments or results. Outcomes are reported
+A child's pipe carries length-prefixed frames (`service.pipe`); the parent splits them as the
+bytes arrive, in the pipe's protocol callback (no task wakes up per result), and never decodes
+task arguments or results. Outcomes are reported
 through the ``on_done`` callback, in the order jobs finish.
 """
 
@@ -92,9 +93,49 @@ class RestartReason(Enum):
     RECYCLE_MEMORY = "recycle_memory"
 
 
+class _ChildPipe(asyncio.subprocess.SubprocessStreamProtocol):
+    """The child's stdout, split into frames in `pipe_data_received` and handed to
+    ``on_frame``: one callback per result instead of a reader task waking for each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=1 << 16, loop=loop)
+        self._buffer = bytearray()
+        self.on_frame: Callable[[bytes], None] | None = None  # set once the child is adopted
+        self.hello: asyncio.Future[bytes] = loop.create_future()  # the first frame, or b""
+        self.closed: asyncio.Future[None] = loop.create_future()  # stdout reached EOF
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or isinstance(data, str):
+            super().pipe_data_received(fd, data)
+            return
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= HEADER.size:
+            end = offset + HEADER.size + HEADER.unpack_from(buffer, offset)[0]
+            if len(buffer) < end:
+                break
+            frame = bytes(buffer[offset + HEADER.size : end])
+            offset = end
+            if self.on_frame is not None:
+                self.on_frame(frame)
+            elif not self.hello.done():
+                self.hello.set_result(frame)
+        del buffer[:offset]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        super().pipe_connection_lost(fd, exc)
+        if fd == 1:
+            if not self.hello.done():
+                self.hello.set_result(b"")
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+
 @dataclass(eq=False)
 class _Child:
     proc: asyncio.subprocess.Process
+    pipe: _ChildPipe
     jobs: deque[Job] = field(default_factory=deque)  # in the order sent; jobs[0] is running
     timer: asyncio.TimerHandle | None = None  # the hard time limit of jobs[0]
     timed_out: Job | None = None
@@ -296,7 +337,9 @@ class Pool:
     # -- children -------------------------------------------------------------------------
 
     async def _spawn(self) -> _Child:
-        proc = await asyncio.create_subprocess_exec(
+        loop = self._loop
+        transport, pipe = await loop.subprocess_exec(
+            lambda: _ChildPipe(loop),
             sys.executable,
             "-m",
             "service.child",
@@ -312,13 +355,13 @@ class Pool:
             str(self._memory_limit),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=None,
         )
-        assert proc.stdout is not None
+        proc = asyncio.subprocess.Process(transport, pipe, loop)
         try:
             async with asyncio.timeout(_STARTUP_TIMEOUT):
-                header = await proc.stdout.readexactly(HEADER.size)
-                hello = await proc.stdout.readexactly(HEADER.unpack(header)[0])
-        except (asyncio.IncompleteReadError, TimeoutError):
+                hello = await asyncio.shield(pipe.hello)
+        except TimeoutError:
             hello = b""
         if hello != READY:
             with contextlib.suppress(ProcessLookupError):
@@ -328,11 +371,12 @@ class Pool:
                 f"pool child exited with code {code} before it was ready; "
                 f"check that the task modules {self._modules} import cleanly (see stderr)"
             )
-        return _Child(proc)
+        return _Child(proc, pipe)
 
     def _adopt(self, child: _Child) -> None:
         self._children.add(child)
-        child.reader = self._loop.create_task(self._read(child))
+        child.pipe.on_frame = lambda data: self._on_result(child, ResultFrame.unpack(data))
+        child.reader = self._loop.create_task(self._watch(child))
         self._dispatch()
 
     def _respawn(self, reason: RestartReason) -> None:
@@ -448,14 +492,8 @@ class Pool:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.kill()
 
-    async def _read(self, child: _Child) -> None:
-        stdout = child.proc.stdout
-        assert stdout is not None
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                header = await stdout.readexactly(HEADER.size)
-                data = await stdout.readexactly(HEADER.unpack(header)[0])
-                self._on_result(child, ResultFrame.unpack(data))
+    async def _watch(self, child: _Child) -> None:
+        await child.pipe.closed  # every frame before EOF has been handled by then
         await self._on_exit(child)
 
     def _on_result(self, child: _Child, result: ResultFrame) -> None:
