@@ -274,13 +274,15 @@ class Consumer:
             return acks
         return None
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
         acks = self._tracker(message)
         if acks is None:
-            await message.ack()
-        else:
-            assert message.delivery_tag is not None
-            await acks.ack(message.delivery_tag)
+            return asyncio.ensure_future(message.ack())
+        assert message.delivery_tag is not None
+        return acks.ack_soon(message.delivery_tag)
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        await self.ack_soon(message)
 
     async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
         acks = self._tracker(message)

@@ -44,7 +44,11 @@ _RESPAWN_BACKOFF_MAX = 10.0
 # (about this much, on average) and keeps a child from hoarding work behind a long task while
 # another child could take it as soon as it is free.
 _PIPELINE_BELOW = 0.02
-_MAX_JOBS_PER_CHILD = 2  # the running job plus one queued
+# Sub-millisecond tasks get a deeper queue, while the known mean run times of everything the
+# child holds add up to less than this: the child then reads several jobs per wake-up and the
+# parent writes them in one system call, and no queued job waits more than about this long.
+_QUEUE_BUDGET = 0.002
+_MAX_JOBS_PER_CHILD = 8
 _MEAN_WEIGHT = 0.2  # weight of the newest duration in a task's moving mean
 
 
@@ -211,6 +215,7 @@ class Pool:
         self._children: set[_Child] = set()
         self._pending: deque[Job] = deque()
         self._means: dict[str, float] = {}  # task name -> moving mean run time in seconds
+        self._topping_up = False  # a `_top_up` is scheduled for this loop turn
         self._ids = itertools.count(1)
         self._closing = False
         self._respawns: set[asyncio.Task[None]] = set()
@@ -416,34 +421,50 @@ class Pool:
     def _dispatch(self) -> None:
         if not self._pending:
             return
-        # Every idle child gets a job before any child gets a second one.
+        # Idle children are waiting: each gets a job at once, before any child gets a second.
         for child in self._children:
             if not self._pending:
                 return
             if not child.jobs and self._accepts(child):
-                self._send(child, self._pending.popleft())
-        for child in self._children:
-            if not self._pending:
-                return
-            if (
-                0 < len(child.jobs) < _MAX_JOBS_PER_CHILD
-                and self._accepts(child)  # again: the first pass may have filled its quota
-                and self._is_short(child.jobs[0])
-            ):
-                self._send(child, self._pending.popleft())
+                self._write(child, [self._pending.popleft()])
+        # Busy ones are topped up once per loop turn, so results that arrived together are
+        # answered with one write per child.
+        if self._pending and not self._topping_up:
+            self._topping_up = True
+            self._loop.call_soon(self._top_up)
 
-    def _accepts(self, child: _Child) -> bool:
-        """Whether ``child`` may be sent a job at all (idle or not)."""
+    def _top_up(self) -> None:
+        self._topping_up = False
+        for child in self._children:
+            batch: list[Job] = []
+            while self._pending and self._may_queue(child, batch):
+                batch.append(self._pending.popleft())
+            if batch:
+                self._write(child, batch)
+
+    def _may_queue(self, child: _Child, batch: list[Job]) -> bool:
+        """Whether ``child`` may take one more job behind what it holds (and ``batch``)."""
+        held = len(child.jobs) + len(batch)
+        if held == 0:
+            return self._accepts(child)
+        if held >= _MAX_JOBS_PER_CHILD or not self._accepts(child, extra=len(batch)):
+            return False
+        means = [self._means.get(job.spec.name) for job in (*child.jobs, *batch)]
+        if any(mean is None for mean in means):
+            return False  # never queue behind a task not yet measured
+        if held == 1:
+            return means[0] is not None and means[0] < _PIPELINE_BELOW
+        return sum(mean for mean in means if mean is not None) < _QUEUE_BUDGET
+
+    def _accepts(self, child: _Child, extra: int = 0) -> bool:
+        """Whether ``child`` may be sent a job at all (idle or not), ``extra`` more on top."""
         if child.retiring or child.aborting or child.proc.returncode is not None:
             return False
         if child.proc.stdin is None or child.proc.stdin.is_closing():
             return False
         # Count what it already holds, so a child recycled after N tasks runs exactly N.
-        return not (self._max_tasks and child.tasks_done + len(child.jobs) >= self._max_tasks)
-
-    def _is_short(self, job: Job) -> bool:
-        mean = self._means.get(job.spec.name)
-        return mean is not None and mean < _PIPELINE_BELOW
+        held = child.tasks_done + len(child.jobs) + extra
+        return not (self._max_tasks and held >= self._max_tasks)
 
     def _observe(self, job: Job, seconds: float) -> None:
         mean = self._means.get(job.spec.name)
@@ -451,26 +472,29 @@ class Pool:
             seconds if mean is None else mean + _MEAN_WEIGHT * (seconds - mean)
         )
 
-    def _send(self, child: _Child, job: Job) -> None:
-        job.id = next(self._ids)
-        child.jobs.append(job)
-        if len(child.jobs) == 1:
-            self._start_head(child)
-        soft = job.spec.soft_time_limit
-        frame = JobFrame(
-            job.id,
-            job.spec.name,
-            job.content_type,
-            job.body,
-            job.message_id,
-            job.attempt,
-            job.deliveries,
-            job.redelivered,
-            soft,
-            job.want_result,
-        )
+    def _write(self, child: _Child, jobs: list[Job]) -> None:
+        frames = []
+        for job in jobs:
+            job.id = next(self._ids)
+            child.jobs.append(job)
+            if len(child.jobs) == 1:
+                self._start_head(child)
+            frames.append(
+                JobFrame(
+                    job.id,
+                    job.spec.name,
+                    job.content_type,
+                    job.body,
+                    job.message_id,
+                    job.attempt,
+                    job.deliveries,
+                    job.redelivered,
+                    job.spec.soft_time_limit,
+                    job.want_result,
+                ).pack()
+            )
         assert child.proc.stdin is not None
-        child.proc.stdin.write(frame.pack())
+        child.proc.stdin.write(b"".join(frames))
 
     def _start_head(self, child: _Child) -> None:
         """``child.jobs[0]`` has just started running: start its clock and hard time limit."""

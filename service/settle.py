@@ -87,6 +87,8 @@ def decide(job: Job, outcome: Outcome) -> Action:
 class Acks(Protocol):
     """Sends the ack, nack or reject of a delivery (`service.consumer.Consumer` batches them)."""
 
+    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]: ...
+
     async def ack(self, message: AbstractIncomingMessage) -> None: ...
 
     async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None: ...
@@ -147,6 +149,26 @@ class Settler:
             await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
         else:
             await self.requeue(message, counted=action is Action.REQUEUE)
+
+    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None] | None:
+        """Ack a success that owes nobody a result, without a task of its own (the common
+        case, so it is kept cheap). Returns what to wait for, or None if already settled."""
+        try:
+            if is_stale(message):
+                raise aio_pika.exceptions.ChannelInvalidStateError("channel closed")
+            pending = self._acks.ack_soon(message)
+        except CONNECTION_ERRORS:
+            self._on_settled(Action.STALE, None)
+            return None
+        pending.add_done_callback(self._acked)
+        return pending
+
+    def _acked(self, pending: asyncio.Future[None]) -> None:
+        if pending.cancelled() or pending.exception() is not None:
+            # The channel closed between the result and the ack: the broker redelivers it.
+            self._on_settled(Action.STALE, None)
+        else:
+            self._on_settled(Action.ACK, None)
 
     async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
         if is_stale(message):

@@ -43,12 +43,15 @@ class PrefetchWindow:
         self.maximum = max(maximum, self.minimum)
         self.estimate: float | None = None  # seconds per task, None until one has finished
 
-    def observe(self, run_seconds: float) -> None:
-        """Take the run time of one finished task."""
-        if self.estimate is None or run_seconds >= self.estimate:
+    def observe(self, run_seconds: float) -> bool:
+        """Take the run time of one finished task; True if the estimate at least doubled (the
+        window may have to halve now: smaller moves can wait for the next periodic look)."""
+        if self.estimate is None or run_seconds > self.estimate:
+            doubled = self.estimate is None or run_seconds >= 2 * self.estimate
             self.estimate = run_seconds
-        else:
-            self.estimate += _FALL * (run_seconds - self.estimate)
+            return doubled
+        self.estimate += _FALL * (run_seconds - self.estimate)
+        return False
 
     def size(self, longest_running: float = 0.0) -> int:
         """The window now; ``longest_running`` is the age of the oldest task still running."""

@@ -71,11 +71,12 @@ class Worker:
             seconds=settings.prefetch_time,
         )
         self._grown_at = -_GROW_EVERY
+        self._finished = 0  # tasks measured, to look at the window every 32nd
         self.pool: Pool | None = None
         self.draining = False
         self._stop = asyncio.Event()
         self._deadline_now = asyncio.Event()
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[None]] = set()  # settle tasks and pending acks
         self._health: HealthServer | None = None
 
     # -- flow -----------------------------------------------------------------------------
@@ -124,9 +125,16 @@ class Worker:
             took = loop.time() - job.started
             self.metrics.on_finished(job.spec.name, label, took, job.cpu_seconds)
             if outcome.kind is not OutcomeKind.REJECTED:
-                self.window.observe(took)
-                self._fit_window()
-        self._track(self.settler.settle(job, outcome, action))
+                self._finished += 1
+                if self.window.observe(took) or self._finished % 32 == 0:
+                    self._fit_window()
+        if action is Action.ACK and not (job.delivery.reply_to and outcome.payload is not None):
+            pending = self.settler.ack_soon(job.delivery)
+            if pending is not None:
+                self._settling.add(pending)
+                pending.add_done_callback(self._settling.discard)
+        else:
+            self._track(self.settler.settle(job, outcome, action))
 
     def _fit_window(self) -> None:
         """Resize the prefetch window to the work measured.

@@ -58,3 +58,11 @@ def test_worth_changing_ignores_noise() -> None:
     assert worth_changing(100, 200)
     assert worth_changing(100, 50)
     assert not worth_changing(4, 4)
+
+
+def test_observe_says_when_the_window_may_have_to_halve() -> None:
+    w = window()
+    assert w.observe(0.001)  # the first sample
+    assert not w.observe(0.0015)  # up, but not doubled
+    assert not w.observe(0.0001)  # down
+    assert w.observe(0.01)
