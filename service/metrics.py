@@ -49,6 +49,7 @@ class State:
         self.children_alive: Callable[[], int] = lambda: 0
         self.in_progress: Callable[[], int] = lambda: 0
         self.prefetched: Callable[[], int] = lambda: 0
+        self.prefetch_window: Callable[[], int] = lambda: 0
         self.children_cpu_seconds: Callable[[], float] = lambda: 0.0
         self.children_memory_bytes: Callable[[], int] = lambda: 0
         self.connected: Callable[[], bool] = lambda: False
@@ -72,8 +73,13 @@ class _StateCollector(Collector):
         yield gauge("hutch_tasks_in_progress", "Tasks running in pool children.", s.in_progress())
         yield gauge(
             "hutch_tasks_prefetched",
-            "Deliveries received and waiting for a free child.",
+            "Deliveries received and not running yet (in the worker, or queued in a child).",
             s.prefetched(),
+        )
+        yield gauge(
+            "hutch_prefetch_window",
+            "Deliveries the consumer may hold unacked; it follows the measured task run time.",
+            s.prefetch_window(),
         )
         yield gauge("hutch_pool_processes", "Configured pool size.", s.pool_size(), False)
         yield gauge(

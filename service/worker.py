@@ -41,7 +41,11 @@ _OUTCOME_LABELS = {
 
 log = logging.getLogger(__name__)
 
-_GROW_EVERY = 0.25  # seconds between two steps up of the prefetch window
+# Each resize re-consumes, and on RabbitMQ 3.10 a delivery in flight to the cancelled consumer
+# at that moment comes back with x-delivery-count one higher (seen in tests): so the window
+# grows only on a settled estimate and rarely, straight to its size rather than in steps.
+_GROW_EVERY = 2.0  # seconds between two growths of the prefetch window
+_GROW_AFTER = 16  # tasks measured since the last resize before the window may grow
 _HAND_BACK_AFTER = 1.0  # a task running this long makes surplus deliveries go back
 
 
@@ -71,7 +75,8 @@ class Worker:
             seconds=settings.prefetch_time,
         )
         self._grown_at = -_GROW_EVERY
-        self._finished = 0  # tasks measured, to look at the window every 32nd
+        self._finished = 0  # tasks measured, to look at the window every 16th
+        self._resized_after = 0  # the value of _finished at the last resize
         self.pool: Pool | None = None
         self.draining = False
         self._stop = asyncio.Event()
@@ -126,7 +131,7 @@ class Worker:
             self.metrics.on_finished(job.spec.name, label, took, job.cpu_seconds)
             if outcome.kind is not OutcomeKind.REJECTED:
                 self._finished += 1
-                if self.window.observe(took) or self._finished % 32 == 0:
+                if self.window.observe(took) or self._finished % _GROW_AFTER == 0:
                     self._fit_window()
         if action is Action.ACK and not (job.delivery.reply_to and outcome.payload is not None):
             pending = self.settler.ack_soon(job.delivery)
@@ -139,8 +144,8 @@ class Worker:
     def _fit_window(self) -> None:
         """Resize the prefetch window to the work measured.
 
-        It grows at most fourfold per step and one step per `_GROW_EVERY`, so a burst of fast
-        tasks after a slow one does not swing it at once. When a task has run longer than
+        It grows once `_GROW_AFTER` tasks have been measured since the last resize, and at most
+        once per `_GROW_EVERY`; it shrinks at once. When a task has run longer than
         `_HAND_BACK_AFTER` and the shrunk window is in place, deliveries that have not started
         and came under the old window go back to the queue for idle hosts: a host that
         prefetched hundreds of tasks while they were fast must not sit on them once they turn
@@ -154,11 +159,13 @@ class Worker:
         current = self.consumer.prefetch
         if wanted > current:
             now = asyncio.get_running_loop().time()
-            wanted = min(wanted, current * 4)
-            if now - self._grown_at >= _GROW_EVERY and worth_changing(current, wanted):
+            settled = self._finished - self._resized_after >= _GROW_AFTER
+            if settled and now - self._grown_at >= _GROW_EVERY and worth_changing(current, wanted):
                 self._grown_at = now
+                self._resized_after = self._finished
                 self.consumer.resize(wanted)
         elif worth_changing(current, wanted):
+            self._resized_after = self._finished
             self.consumer.resize(wanted)
         if longest >= _HAND_BACK_AFTER and self.consumer.window_applied:
             # Deliveries made to an earlier consumer were taken under a wider window; the
@@ -307,6 +314,7 @@ class Worker:
         state.children_alive = lambda: pool.alive
         state.in_progress = lambda: pool.running
         state.prefetched = lambda: pool.waiting
+        state.prefetch_window = lambda: self.consumer.prefetch
         state.children_cpu_seconds = pool.cpu_seconds
         state.children_memory_bytes = pool.resident_bytes
         state.connected = lambda: self.consumer.connected

@@ -96,6 +96,7 @@ async def test_metrics_count_a_real_workload(
     assert value(text, "hutch_broker_connected") == 1
     assert value(text, "hutch_ready") == 1
     assert value(text, "hutch_tasks_in_progress", **q) == 0
+    assert value(text, "hutch_prefetch_window", **q) >= 4  # concurrency 2 + buffer 2 at least
     assert value(text, "hutch_last_success_timestamp_seconds", **q) > 0
     assert any(name == "hutch_build_info" for name, _ in samples(text))
     assert "task_id" not in text and "message_id" not in text
