@@ -135,7 +135,7 @@ async def drain(
 ) -> dict[str, Any]:
     """Pre-fill ``n`` tasks, then start a hutch worker (or the bare consumer) and time the drain.
 
-    ``kind``: ``"hutch"`` (defaults: prefetch = concurrency + 2), ``"hutch-prefetch"`` (hutch
+    ``kind``: ``"hutch"`` (defaults: prefetch sized in time), ``"hutch-prefetch"`` (hutch
     with the bare consumer's prefetch) or ``"bare"`` (only acks, whatever the task).
     ``profiler`` records the worker from the first delivery to the end of the drain.
     """

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: ``bench/run.py --quick`` runs end to end and writes JSON.
 
 Figures are never asserted (the machine is shared and noisy): only that the run exits 0 and
-that every workload reports positive numbers.
+that every workload reports positive numbers (CPU time per task only non-negative: /proc counts
+it in 10 ms ticks, and a quick drain of a few hundred no-ops can take less than one).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
         assert workload["metrics"], name
         for key, metric in workload["metrics"].items():
             assert metric["hutch"] is not None, (name, key)
+            cpu = key.endswith("cpu_us_per_task")
             for side in ("hutch", "baseline"):
                 if metric[side] is not None:
                     assert metric[side]["runs"], (name, key, side)
-                    assert all(v > 0 for v in metric[side]["runs"]), (name, key, side, metric)
-            if metric["ratio"] is not None:
+                    if cpu:
+                        assert all(v >= 0 for v in metric[side]["runs"]), (name, key, side)
+                    else:
+                        assert all(v > 0 for v in metric[side]["runs"]), (name, key, side, metric)
+            if metric["ratio"] is not None and not cpu:
                 assert metric["ratio"] > 0, (name, key, metric)
