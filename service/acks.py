@@ -1,15 +1,17 @@
 """Settling one channel's deliveries, with acks coalesced into ``basic.ack multiple=True``.
 
 Every ack is a frame to write and, on a quorum queue, a Raft command for the broker. Acks that
-become due in the same event-loop turn are sent together: one ``multiple=True`` ack for the
-longest run of consecutive delivery tags that are all settled, and a plain ack for each of the
-rest. Waiting `ACK_DELAY` for company halves the broker's CPU per task at a couple of thousand
-tasks/s (measured: 125-140 -> 70-75 us per 0.5 ms task); the cost is that a worker killed
-outright runs again the tasks it finished in its last few milliseconds. It stays exact because a multiple ack covers only tags at or below its own, and it is
-sent only below the lowest delivery still unsettled, so everything it covers is either due now
-or was settled on its own (ack, nack, reject) first. Tags on a channel are consecutive from 1
-and only this consumer receives on it, so "every delivery is tracked" is checkable: a gap
-(which should never happen) switches the channel to plain acks.
+become due within `ACK_DELAY` of each other are sent together: one ``multiple=True`` ack for
+the lowest run of tags that are all settled, and a plain ack for each of the rest. The wait
+halves the broker's CPU per task at a couple of thousand tasks/s (measured: 125-140 -> 70-75 us
+per 0.5 ms task); the cost is that a worker killed outright runs again the tasks it finished
+in its last few milliseconds, which at-least-once allows.
+
+It stays exact because a multiple ack covers only tags at or below its own, and it is sent
+only below the lowest delivery still unsettled, so everything it covers is either due now or
+was settled on its own (ack, nack, reject) first. Tags on a channel are consecutive from 1 and
+only this consumer receives on it, so "every delivery is tracked" is checkable: a gap (which
+should never happen) switches the channel to plain acks.
 """
 
 from __future__ import annotations
