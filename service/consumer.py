@@ -238,7 +238,9 @@ class Consumer:
 
         RabbitMQ (3.10 at least) applies ``basic.qos`` only to consumers registered after it on
         a quorum queue. Deliveries already made to the old consumer stay valid on the channel,
-        and the broker sends none after its cancel-ok, so nothing is lost or stuck.
+        and the broker sends none after its cancel-ok, so nothing is lost or stuck; but one in
+        flight at the cancel comes back with x-delivery-count one higher (3.10, seen in tests),
+        which is why the worker resizes rarely.
         """
         old, before = self._tag, self._applied
         prefetch = await self._consume(channel)
