@@ -164,7 +164,9 @@ class Worker:
                 self._grown_at = now
                 self._resized_after = self._finished
                 self.consumer.resize(wanted)
-        elif worth_changing(current, wanted):
+        elif worth_changing(current, wanted) or (wanted < current and longest >= _HAND_BACK_AFTER):
+            # Before handing back, the window must be the one for this long a run: a
+            # half-way one would take back some of what is returned.
             self._resized_after = self._finished
             self.consumer.resize(wanted)
         if longest >= _HAND_BACK_AFTER and self.consumer.window_applied:
