@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -51,9 +52,19 @@ async def test_metrics_count_a_real_workload(
         with pytest.raises(TaskError):
             await client.call("tests.tasks.no_such_task")
         await client.call("tests.tasks.crash_first_delivery")
-    status, text = await asyncio.to_thread(get, base + "/metrics")
-    assert status == 200
     q = {"queue": queue}
+    # A caller has its result before the worker acks (result confirmed first, then the ack,
+    # which may wait a few ms to share a frame): scrape once the last ack is counted.
+    deadline = time.monotonic() + 10
+    while True:
+        status, text = await asyncio.to_thread(get, base + "/metrics")
+        assert status == 200
+        acked = samples(text).get(
+            ("hutch_messages_settled_total", frozenset({"action": "ack", **q}.items()))
+        )
+        if acked == 7 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert (
         value(text, "hutch_tasks_finished_total", task="tests.tasks.spin", outcome="success", **q)
         == 6
