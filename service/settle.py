@@ -313,12 +313,3 @@ class Settler:
             return
         self._on_settled(action, reason)
 
-
-def delivery_count(message: AbstractIncomingMessage) -> int:
-    value = message.headers.get("x-delivery-count", 0)
-    return value if isinstance(value, int) else 0
-
-
-def attempt_of(message: AbstractIncomingMessage) -> int:
-    value = message.headers.get(protocol.ATTEMPT_HEADER, 1)
-    return value if isinstance(value, int) and value >= 1 else 1
