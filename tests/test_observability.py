@@ -22,18 +22,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import AsyncClient, TaskError
+from service import AsyncClient, TaskError, topology
 from service.metrics import Metrics
-from tests.conftest import ROOT, Broker, Vhost, WorkerProcess
+from tests.conftest import ROOT, Broker, Vhost, WorkerProcess, rabbitmqctl
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 PROMETHEUS_YML = PROM_DIR / "prometheus.yml"
@@ -339,9 +341,31 @@ def rabbitmq_metric_names() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def known_metrics() -> set[str]:
-    # `up` is Prometheus' own, per scrape target.
-    return hutch_metric_names() | rabbitmq_metric_names() | {"up"}
+def known_metrics() -> Iterator[set[str]]:
+    # The per-queue families exist only while some queue does: hold one in a vhost of our own
+    # (the broker may otherwise have none at all when this runs).
+    name = f"hutch-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        asyncio.run(_declare_a_queue(Vhost(name).url))
+        deadline = time.monotonic() + 30  # queue stats are emitted every 5 s
+        names = rabbitmq_metric_names()
+        while "rabbitmq_detailed_queue_messages_ready" not in names:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+            names = rabbitmq_metric_names()
+        # `up` is Prometheus' own, per scrape target.
+        yield hutch_metric_names() | names | {"up"}
+    finally:
+        rabbitmqctl("delete_vhost", name, check=False)
+
+
+async def _declare_a_queue(url: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        await topology.declare(await connection.channel(), "metrics-probe")
 
 
 def test_dashboard_queries_parse_and_use_exported_metrics(
