@@ -192,10 +192,10 @@ async def hutch_pool(cfg: Config, task: str, args: list[Any], n: int) -> dict[st
 
     A diagnostic that separates the pool's per-job cost (one job per child at a time, a
     parent round trip between jobs) from the consumer's and the broker's. Uses
-    `service.pool` directly, so it follows that module's internal API.
+    `service.pool.supervisor` directly, so it follows that module's internal API.
     """
-    from service.pool import Job
-    from service.pool import Pool as HutchPool
+    from service.pool.jobs import Job
+    from service.pool.supervisor import Pool as HutchPool
     from service.registry import import_task_modules, lookup
 
     import_task_modules(["bench.tasks"])

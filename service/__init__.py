@@ -1,12 +1,22 @@
 """hutch: CPU-heavy Python tasks from RabbitMQ, run on every core of every host.
 
 Register tasks with `task`, run ``hutch worker --tasks MODULE``, and publish with `Client`.
+
+``from service import task`` is what every task module and every pool child runs, so this module
+imports only what a task needs: `Client` and `AsyncClient` (and with them the AMQP client) load
+on first use, through the module ``__getattr__`` below.
 """
 
-from service.client import AsyncClient, Client
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from service.context import TaskContext, current_task
 from service.errors import ConfigError, HutchError, SoftTimeLimitExceeded, TaskError
 from service.registry import task
+
+if TYPE_CHECKING:
+    from service.client import AsyncClient, Client
 
 __version__ = "0.1.0"
 
@@ -22,3 +32,13 @@ __all__ = [
     "current_task",
     "task",
 ]
+
+_LAZY = frozenset({"AsyncClient", "Client"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from service import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'service' has no attribute {name!r}")

@@ -1,4 +1,12 @@
-"""Settling one channel's deliveries, with acks coalesced into ``basic.ack multiple=True``.
+"""Acks, nacks and rejects: routed to the channel that delivered, and coalesced there.
+
+`AckRouter` is what the settling stage talks to: it sends a delivery's ack through the
+`ChannelAcks` of the consuming channel it came from, or through the message itself when that
+channel is no longer the current one (the ack then fails, as it must: the broker has requeued
+the delivery). `is_stale` tells the two apart before anything is published for a delivery.
+
+Coalescing (`ChannelAcks`)
+--------------------------
 
 Every ack is a frame to write and, on a quorum queue, a Raft command for the broker. Acks that
 become due within `ACK_DELAY` of each other are sent together: one ``multiple=True`` ack for
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aio_pika
 import aiormq.abc
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -106,17 +115,65 @@ class ChannelAcks:
             await self.channel.basic_ack(tag, multiple=multiple, wait=i == len(frames))
 
 
-class DirectAcks:
-    """Settles through the message itself: for deliveries no `ChannelAcks` tracks."""
+def is_stale(message: AbstractIncomingMessage) -> bool:
+    """True once the channel that delivered ``message`` has closed."""
+    try:
+        message.channel  # noqa: B018 - raises once the delivering channel has closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
+    return False
+
+
+class AckRouter:
+    """Settles deliveries through the current channel's `ChannelAcks`, when it delivered them.
+
+    The consumer calls `opened` with each new consuming channel and `delivered` for every
+    delivery; a delivery from any other channel (an earlier one, or none at all, as for
+    `Settler` used on its own) is settled through the message itself.
+    """
+
+    def __init__(self) -> None:
+        self._current: ChannelAcks | None = None
+
+    def opened(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._current = ChannelAcks(channel)
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        acks = self._current
+        if acks is not None and message.channel is acks.channel:
+            assert message.delivery_tag is not None
+            acks.delivered(message.delivery_tag)
+
+    def _tracker(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+        acks = self._current
+        # message.channel raises once its channel has closed: the caller treats that as stale.
+        if acks is not None and message.channel is acks.channel:
+            return acks
+        return None
 
     def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
-        return asyncio.ensure_future(message.ack())
+        """Queue the ack; the future is done once it is written, or failed if it cannot be."""
+        acks = self._tracker(message)
+        if acks is None:
+            return asyncio.ensure_future(message.ack())
+        assert message.delivery_tag is not None
+        return acks.ack_soon(message.delivery_tag)
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
-        await message.ack()
+        await self.ack_soon(message)
 
     async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
-        await message.nack(requeue=requeue)
+        acks = self._tracker(message)
+        if acks is None:
+            await message.nack(requeue=requeue)
+            return
+        assert message.delivery_tag is not None
+        await acks.nack(message.delivery_tag, requeue=requeue)
 
     async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
-        await message.reject(requeue=requeue)
+        acks = self._tracker(message)
+        if acks is None:
+            await message.reject(requeue=requeue)
+            return
+        assert message.delivery_tag is not None
+        await acks.reject(message.delivery_tag, requeue=requeue)

@@ -2,6 +2,12 @@
 
 hutch consumes and publishes on separate connections: a memory or disk alarm blocks publishing
 connections, and acks on a blocked connection would stall too.
+
+This is where the AMQP library's errors meet hutch: `CONNECTION_ERRORS` is the one list of
+what "this connection or channel is gone" looks like, and the one plain `RuntimeError` the
+library raises for it (a channel asked of a closed connection) is translated into
+`BrokerConnectionError` by `open_channel`, so no other `RuntimeError` is ever taken for a lost
+connection.
 """
 
 from __future__ import annotations
@@ -9,25 +15,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from urllib.parse import urlsplit, urlunsplit
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from service.errors import BrokerConnectionError, ConfigError, PublishError
+
 log = logging.getLogger(__name__)
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 
 # Heartbeats every 5 s detect a stalled link in about 18 s (aiormq gives up after
 # 3 * (heartbeat + 1) s); the server's suggested 60 s would take three minutes.
 HEARTBEAT = 5
 
 
-class PublishError(Exception):
-    """The broker did not confirm a publish (nack, return, timeout or lost connection)."""
+def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
 
-    def __init__(self, message: str, *, unroutable: bool = False) -> None:
-        super().__init__(message)
-        self.unroutable = unroutable
+    Shared by the worker, the client and the operator commands; raises `ConfigError`.
+    """
+    environ = os.environ if environ is None else environ
+    url = environ.get("HUTCH_BROKER_URL")
+    if url:
+        return url
+    path = environ.get("HUTCH_BROKER_URL_FILE")
+    if path:
+        try:
+            with open(path) as url_file:
+                return url_file.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+    return DEFAULT_BROKER_URL
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host an AMQP URL names: its path without the leading slash, or ``/``."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def safe_url(url: str) -> str:
@@ -49,11 +81,23 @@ async def connect(url: str, *, name: str) -> AbstractConnection:
 # Errors that mean "this connection or channel is gone": reconnect and carry on.
 CONNECTION_ERRORS = (
     aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel has closed
+    OSError,  # ConnectionError and BrokerConnectionError among them
     TimeoutError,
-    RuntimeError,  # aiormq raises it for writes on a closed transport
 )
+
+
+async def open_channel(connection: AbstractConnection, **options: Any) -> AbstractChannel:
+    """``connection.channel(**options)``, with the library's "connection closed"
+    `RuntimeError` raised as `BrokerConnectionError`."""
+    if connection.is_closed:
+        raise BrokerConnectionError("the connection to the broker is closed")
+    try:
+        return await connection.channel(**options)
+    except RuntimeError as exc:
+        if connection.is_closed:
+            raise BrokerConnectionError(f"the connection closed: {exc}") from exc
+        raise
 
 
 class Publisher:
@@ -83,8 +127,8 @@ class Publisher:
             await self._drop()
             connection = await connect(self._url, name=self._name)
             try:
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
+                self._channel = await open_channel(
+                    connection, publisher_confirms=True, on_return_raises=True
                 )
             except BaseException:
                 await connection.close()

@@ -34,10 +34,9 @@ from aio_pika.abc import (
 )
 
 from service import protocol, topology
-from service.broker import connect
-from service.errors import HutchError, TaskError
+from service.broker import broker_url_from_env, connect, open_channel
+from service.errors import HutchError, ProtocolError, TaskError
 from service.registry import name_of
-from service.settings import broker_url_from_env
 
 T = TypeVar("T")
 TaskRef = Callable[..., Any] | str
@@ -84,8 +83,8 @@ class AsyncClient:
         if self._connection is None:
             self._connection = await connect(self.url, name="hutch-client")
             self._connection.close_callbacks.add(self._on_close)
-            self._channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
+            self._channel = await open_channel(
+                self._connection, publisher_confirms=True, on_return_raises=True
             )
             await topology.declare(self._channel, self.queue)
         return self
@@ -201,6 +200,12 @@ class AsyncClient:
         await channel.default_exchange.publish(message, self.queue, mandatory=True)
         return task_id
 
+    async def consumer_count(self) -> int:
+        """How many consumers (workers) the queue has right now."""
+        await self.connect()
+        assert self._connection is not None
+        return (await topology.queue_counts(self._connection, self.queue)).consumers
+
     # -- results --------------------------------------------------------------------------
 
     async def _ready_channel(self) -> AbstractChannel:
@@ -233,7 +238,7 @@ class AsyncClient:
                 future.set_exception(
                     TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
                 )
-        except (protocol.ProtocolError, AttributeError, TypeError) as exc:
+        except (ProtocolError, AttributeError, TypeError) as exc:
             future.set_exception(HutchError(f"unreadable result: {exc}"))
 
     def _on_close(self, *_: Any) -> None:
@@ -295,6 +300,9 @@ class Client:
                 task, iterable, return_exceptions=return_exceptions, on_result=on_result
             )
         )
+
+    def consumer_count(self) -> int:
+        return self._run(self._async.consumer_count())
 
     def close(self) -> None:
         if self._thread.is_alive():

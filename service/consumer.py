@@ -1,14 +1,14 @@
-"""The first stage: keep a consumer on the queue, and admit or refuse each delivery.
+"""The first stage: keep a consumer on the queue, through every loss and cancel.
 
 One loop owns the consuming connection: connect, declare, consume, and wait until the
 connection is lost, the broker cancels the consumer, or the worker drains. A lost connection
 means reconnecting with backoff on a brand-new channel (the broker has already requeued
-everything unacked, so old delivery tags are never reused); a server-side cancel (the queue was
+everything unacked, so old delivery tags are never reused: `service.acks.AckRouter` settles a
+delivery only through the channel that delivered it); a server-side cancel (the queue was
 deleted, say) means declaring the queue again and consuming again, so the worker never sits
 connected but silently consuming nothing.
 
-Admission looks only at properties, headers and the body's length: the parent never decodes
-task arguments.
+Each delivery goes to ``on_message`` (`service.admission.Intake`) as it arrives.
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from service import protocol, topology
-from service.acks import ChannelAcks
-from service.broker import CONNECTION_ERRORS, connect, safe_url
-from service.pool import Job
-from service.protocol import Reason
-from service.registry import lookup
+from service import topology
+from service.acks import AckRouter
+from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -37,71 +33,12 @@ _BACKOFF_START = 0.5
 _BACKOFF_MAX = 15.0
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A delivery that is dead-lettered without running."""
-
-    reason: Reason
-    detail: str
-
-
-def admit(
-    message: AbstractIncomingMessage, *, max_body_size: int, max_deliveries: int
-) -> Job | Refusal:
-    """Build a job from a delivery, or say why it must not run."""
-    if message.content_type not in protocol.CONTENT_TYPES:
-        return Refusal(
-            Reason.BAD_CONTENT_TYPE,
-            f"content type {message.content_type!r}; use application/msgpack or application/json",
-        )
-    if message.content_encoding not in (None, "", "identity", "utf-8", "binary"):
-        return Refusal(
-            Reason.BAD_ENCODING,
-            f"content encoding {message.content_encoding!r} is not supported",
-        )
-    name = message.headers.get(protocol.TASK_HEADER)
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    if not isinstance(name, str) or not name:
-        return Refusal(Reason.UNKNOWN_TASK, "the 'task' header is missing or not a string")
-    spec = lookup(name)
-    if spec is None:
-        return Refusal(Reason.UNKNOWN_TASK, f"no task named {protocol.truncate(name, 200)!r}")
-    if len(message.body) > max_body_size:
-        return Refusal(
-            Reason.TOO_LARGE,
-            f"body is {len(message.body)} bytes, over the {max_body_size}-byte cap",
-        )
-    deliveries = _int_header(message, "x-delivery-count", 0)
-    if deliveries >= max_deliveries:
-        return Refusal(
-            Reason.DELIVERY_LIMIT,
-            f"delivered {deliveries + 1} times without finishing: "
-            "its task keeps killing the pool child, its workers keep dying, "
-            "or its result cannot be published",
-        )
-    return Job(
-        spec=spec,
-        content_type=message.content_type,
-        body=message.body,
-        message_id=message.message_id or "",
-        attempt=max(1, _int_header(message, protocol.ATTEMPT_HEADER, 1)),
-        deliveries=deliveries,
-        redelivered=bool(message.redelivered),
-        want_result=bool(message.reply_to),
-        delivery=message,
-    )
-
-
-def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> int:
-    value = message.headers.get(name, default)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 class Consumer:
     """Keeps one consumer on ``queue`` until `close` is called.
 
-    ``prefetch`` is the first window; `resize` changes it while consuming.
+    ``prefetch`` is the first window; `resize` changes it while consuming. ``acks`` is told
+    of each consuming channel and delivery, so the settler can settle through it; ``on_lost``
+    is called once per lost connection, before reconnecting.
     """
 
     def __init__(
@@ -110,7 +47,8 @@ class Consumer:
         queue: str,
         *,
         prefetch: int,
-        on_message: Callable[[AbstractIncomingMessage], Any],
+        on_message: Callable[[AbstractIncomingMessage], None],
+        acks: AckRouter | None = None,
         on_lost: Callable[[], None] = lambda: None,
         name: str = "hutch-worker",
     ) -> None:
@@ -125,13 +63,12 @@ class Consumer:
         self._paused = False
         self._closed = False
         self._queue: AbstractQueue | None = None
-        self._acks: ChannelAcks | None = None
         self._tag: str | None = None
+        self.acks = acks or AckRouter()
         self.consuming = False
         self.connected = False
         self._ever_connected = False
         self.reconnects = 0
-        self.started = asyncio.Event()  # set once the first consumer is registered
 
     async def run(self) -> None:
         """Consume until `close`; reconnects forever with capped, jittered backoff."""
@@ -178,7 +115,7 @@ class Consumer:
                     self._on_lost()
 
             connection.close_callbacks.add(on_lost)
-            channel = await connection.channel(publisher_confirms=False)
+            channel = await open_channel(connection, publisher_confirms=False)
             channel.close_callbacks.add(on_lost)
             await topology.declare_delays(channel)
             cancelled = asyncio.Event()
@@ -189,7 +126,7 @@ class Consumer:
 
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
-            self._acks = ChannelAcks(underlay)
+            self.acks.opened(underlay)
             if self._ever_connected:
                 self.reconnects += 1
             self.connected = self._ever_connected = True
@@ -199,7 +136,6 @@ class Consumer:
                     self._queue = await topology.declare_queue(channel, self._queue_name)
                     self._applied = await self._consume(channel)
                     self.consuming = True
-                    self.started.set()
                     log.info(
                         "consuming from %r (prefetch %d) at %s",
                         self._queue_name,
@@ -261,46 +197,9 @@ class Consumer:
         return self.consuming and self._applied == self.prefetch
 
     def _deliver(self, message: AbstractIncomingMessage) -> Any:
-        if self._acks is not None and message.channel is self._acks.channel:
-            assert message.delivery_tag is not None
-            self._acks.delivered(message.delivery_tag)
-        return self._on_message(message)
-
-    # Settling (the `service.settle.Acks` interface): through the channel's `ChannelAcks`, so
-    # acks that fall due together go out as one.
-
-    def _tracker(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
-        acks = self._acks
-        # message.channel raises once its channel has closed: the caller treats that as stale.
-        if acks is not None and message.channel is acks.channel:
-            return acks
-        return None
-
-    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
-        acks = self._tracker(message)
-        if acks is None:
-            return asyncio.ensure_future(message.ack())
-        assert message.delivery_tag is not None
-        return acks.ack_soon(message.delivery_tag)
-
-    async def ack(self, message: AbstractIncomingMessage) -> None:
-        await self.ack_soon(message)
-
-    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
-        await self._refuse(message, requeue=requeue, reject=False)
-
-    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
-        await self._refuse(message, requeue=requeue, reject=True)
-
-    async def _refuse(
-        self, message: AbstractIncomingMessage, *, requeue: bool, reject: bool
-    ) -> None:
-        acks = self._tracker(message)
-        if acks is None:
-            await (message.reject if reject else message.nack)(requeue=requeue)
-            return
-        assert message.delivery_tag is not None
-        await (acks.reject if reject else acks.nack)(message.delivery_tag, requeue=requeue)
+        # A plain function: aio-pika accepts one (typed as a coroutine function).
+        self.acks.delivered(message)
+        self._on_message(message)
 
     def resize(self, prefetch: int) -> None:
         """Ask for a new window; applied by re-consuming, never by dropping deliveries."""

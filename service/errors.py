@@ -1,10 +1,23 @@
-"""Exceptions users of hutch see."""
+"""Every exception hutch raises on purpose, under one root: `HutchError`.
+
+Library errors (aiormq, aio-pika, OS errors) are translated where hutch meets them, so callers
+catch ``HutchError`` (or one of its families below) and never a third-party class. This module
+imports nothing heavy: pool children and task modules load it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.protocol import Reason
 
 
 class HutchError(Exception):
     """Base class of hutch's own errors."""
+
+
+# -- raised to task code and callers ------------------------------------------------------------
 
 
 class TaskError(HutchError):
@@ -24,9 +37,66 @@ class ConfigError(HutchError):
     """A setting is invalid; the message says which and why."""
 
 
+# -- the wire -----------------------------------------------------------------------------------
+
+
+class ProtocolError(HutchError):
+    """A message that breaks the protocol; it is dead-lettered with `reason`, never run."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class EncodeError(HutchError):
+    """A value that has no representation in the chosen content type."""
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+class BrokerConnectionError(HutchError, ConnectionError):
+    """The connection or channel to the broker is gone (translated from the AMQP library)."""
+
+
+class PublishError(HutchError):
+    """The broker did not confirm a publish (nack, return, timeout or lost connection)."""
+
+    def __init__(self, message: str, *, unroutable: bool = False) -> None:
+        super().__init__(message)
+        self.unroutable = unroutable
+
+
 class QueueNotFound(HutchError):
     """A queue an operator named does not exist in the broker's virtual host."""
 
     def __init__(self, queue: str) -> None:
         super().__init__(f"no queue named {queue!r}")
         self.queue = queue
+
+
+# -- the pool -----------------------------------------------------------------------------------
+
+
+class PoolStartError(HutchError):
+    """A child could not start (usually: a task module failed to import in it)."""
+
+
+# -- operator tools -----------------------------------------------------------------------------
+
+
+class BrowseError(HutchError):
+    """Reading a dead-letter queue stopped part-way (the channel or connection closed)."""
+
+
+class ManagementUnavailable(HutchError):
+    """The management API could not answer; the message says why and what to do."""
+
+
+class ManagementRequired(HutchError):
+    """Listing queues needs the management API, and it did not answer."""
+
+
+class UsageError(HutchError):
+    """A command cannot run as asked; the message says what to do instead (exit 2)."""

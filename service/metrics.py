@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,10 +24,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from service import __version__
+from service.observer import Observer
+from service.pool.jobs import RestartReason
 from service.protocol import Reason
+from service.settle import Action, TaskOutcome
 
-# CPU tasks run from milliseconds to the 25-minute default hard limit; 60 s is the latency
-# objective the alert rules use, so it must stay a bucket boundary.
+# CPU tasks run from milliseconds to the 840 s default hard limit and beyond; 60 s is the
+# latency objective the alert rules use, so it must stay a bucket boundary.
 DURATION_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
 )  # fmt: skip
@@ -35,87 +38,110 @@ QUEUE_WAIT_BUCKETS: Final = (
     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
 )  # fmt: skip
 
-OUTCOMES: Final = ("success", "failed", "retried", "timeout", "crashed", "rejected")
-ACTIONS: Final = ("ack", "retry", "dead_letter", "requeue", "return", "stale")
-RESTART_REASONS: Final = ("crash", "timeout", "recycle_tasks", "recycle_memory", "abort")
+# The label value of deliveries whose task header names no registered task.
 UNKNOWN_TASK: Final = "unknown"
 
 
-class State:
-    """What the scrape-time collector reads; the worker fills in the callables."""
+class PoolGauges(Protocol):
+    """What the scrape reads from the pool (`service.pool.supervisor.Pool`)."""
 
-    def __init__(self) -> None:
-        self.pool_size: Callable[[], int] = lambda: 0
-        self.children_alive: Callable[[], int] = lambda: 0
-        self.in_progress: Callable[[], int] = lambda: 0
-        self.prefetched: Callable[[], int] = lambda: 0
-        self.prefetch_window: Callable[[], int] = lambda: 0
-        self.children_cpu_seconds: Callable[[], float] = lambda: 0.0
-        self.children_memory_bytes: Callable[[], int] = lambda: 0
-        self.connected: Callable[[], bool] = lambda: False
-        self.reconnects: Callable[[], int] = lambda: 0
-        self.ready: Callable[[], bool] = lambda: False
+    @property
+    def size(self) -> int: ...
+    @property
+    def alive(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    def cpu_seconds(self) -> float: ...
+    def resident_bytes(self) -> int: ...
+
+
+class ConsumerGauges(Protocol):
+    """What the scrape reads from the consumer (`service.consumer.Consumer`)."""
+
+    @property
+    def prefetch(self) -> int: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def reconnects(self) -> int: ...
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: State, queue: str) -> None:
-        self._state = state
+    """Gauges of current state, read at scrape time (zeros until `Metrics.watch`)."""
+
+    def __init__(self, queue: str) -> None:
         self._queue = queue
+        self.pool: PoolGauges | None = None
+        self.consumer: ConsumerGauges | None = None
+        self.ready: Callable[[], bool] = lambda: False
 
     def collect(self) -> Iterable[Metric]:
-        s, q = self._state, [self._queue]
+        pool, consumer, q = self.pool, self.consumer, [self._queue]
 
         def gauge(name: str, doc: str, value: float, labels: bool = True) -> Metric:
             g = GaugeMetricFamily(name, doc, labels=["queue"] if labels else [])
             g.add_metric(q if labels else [], value)
             return g
 
-        yield gauge("hutch_tasks_in_progress", "Tasks running in pool children.", s.in_progress())
+        yield gauge(
+            "hutch_tasks_in_progress",
+            "Tasks running in pool children.",
+            pool.running if pool else 0,
+        )
         yield gauge(
             "hutch_tasks_prefetched",
             "Deliveries received and not running yet (in the worker, or queued in a child).",
-            s.prefetched(),
+            pool.waiting if pool else 0,
         )
         yield gauge(
             "hutch_prefetch_window",
             "Deliveries the consumer may hold unacked; it follows the measured task run time.",
-            s.prefetch_window(),
+            consumer.prefetch if consumer else 0,
         )
-        yield gauge("hutch_pool_processes", "Configured pool size.", s.pool_size(), False)
         yield gauge(
-            "hutch_pool_processes_alive", "Pool children running.", s.children_alive(), False
+            "hutch_pool_processes", "Configured pool size.", pool.size if pool else 0, False
+        )
+        yield gauge(
+            "hutch_pool_processes_alive", "Pool children running.", pool.alive if pool else 0, False
         )
         yield gauge(
             "hutch_pool_resident_memory_bytes",
             "Resident memory of the live pool children, as last reported.",
-            s.children_memory_bytes(),
+            pool.resident_bytes() if pool else 0,
             False,
         )
         cpu = CounterMetricFamily(
             "hutch_pool_cpu_seconds", "CPU time used by pool children, including retired ones."
         )
-        cpu.add_metric([], s.children_cpu_seconds())
+        cpu.add_metric([], pool.cpu_seconds() if pool else 0.0)
         yield cpu
         yield gauge(
             "hutch_broker_connected",
             "1 while the consuming connection is open.",
-            s.connected(),
+            consumer.connected if consumer else False,
             False,
         )
         reconnects = CounterMetricFamily(
             "hutch_broker_reconnects", "Consuming connections re-established after a loss."
         )
-        reconnects.add_metric([], s.reconnects())
+        reconnects.add_metric([], consumer.reconnects if consumer else 0)
         yield reconnects
         yield gauge(
-            "hutch_ready", "1 while consuming and not draining (as /readyz).", s.ready(), False
+            "hutch_ready", "1 while consuming and not draining (as /readyz).", self.ready(), False
         )
 
 
-class Metrics:
-    """The worker's registry and the recording calls used on the message path."""
+class Metrics(Observer):
+    """The worker's registry; it observes the stages (`service.observer`) and picks the labels.
 
-    def __init__(self, queue: str, *, vhost: str = "/", state: State | None = None) -> None:
+    Every label value comes from an enumeration (`TaskOutcome`, `Action`, `Reason`,
+    `RestartReason`) or the task registry, so the label sets cannot drift from what the code
+    decides; every value is exported at 0 from the start so ``rate()`` and ``absent()`` behave.
+    """
+
+    def __init__(self, queue: str, *, vhost: str = "/") -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             raise RuntimeError(
                 "PROMETHEUS_MULTIPROC_DIR is set, which switches prometheus-client to mmap "
@@ -124,13 +150,13 @@ class Metrics:
         # The *_created series would double the series count and nothing here queries them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.queue = queue
-        self.state = state or State()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        r.register(_StateCollector(self.state, queue))
+        self._state = _StateCollector(queue)
+        r.register(self._state)
 
         self.received = Counter(
             "hutch_tasks_received", "Deliveries received.", ["queue", "task"], registry=r
@@ -196,25 +222,29 @@ class Metrics:
         r.register(_Constant(info))
 
         # Every label value shows 0 from the start, so rate() and absent() behave.
-        for outcome in OUTCOMES:
-            self.finished.labels(queue, UNKNOWN_TASK, outcome)
-        for action in ACTIONS:
-            self.settled.labels(queue, action)
+        for outcome in TaskOutcome:
+            self.finished.labels(queue, UNKNOWN_TASK, outcome.value)
+        for action in Action:
+            self.settled.labels(queue, action.value)
         for reason in Reason:
             self.dead_letters.labels(queue, reason.value)
-        for restart in RESTART_REASONS:
-            self.restarts.labels(restart)
+        for restart in RestartReason:
+            self.restarts.labels(restart.value)
         self._redelivered = self.redelivered.labels(queue)
         self._queue_wait = self.queue_wait.labels(queue)
         # Labelled children by (metric, labels): `.labels()` takes a lock and builds a key on
         # every call, a measurable share of the parent's per-message time.
         self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
+    def watch(self, pool: PoolGauges, consumer: ConsumerGauges, ready: Callable[[], bool]) -> None:
+        """Read the state gauges from these at every scrape."""
+        self._state.pool, self._state.consumer, self._state.ready = pool, consumer, ready
+
     def add_task(self, task: str) -> None:
         """Create a task's series up front, so its counters exist at 0."""
         self.received.labels(self.queue, task)
-        for outcome in OUTCOMES:
-            self.finished.labels(self.queue, task, outcome)
+        for outcome in TaskOutcome:
+            self.finished.labels(self.queue, task, outcome.value)
         self.duration.labels(self.queue, task)
         self.task_cpu.labels(self.queue, task)
 
@@ -227,28 +257,33 @@ class Metrics:
             series = self._series[key] = metric.labels(self.queue, *labels)
         return series
 
-    def on_received(self, task: str, redelivered: bool, published: float | None) -> None:
-        self._series_of(self.received, task).inc()
+    def on_received(
+        self, task: str | None, *, redelivered: bool, runnable_since: float | None
+    ) -> None:
+        self._series_of(self.received, task or UNKNOWN_TASK).inc()
         if redelivered:
             self._redelivered.inc()
-        if published is not None:
-            self._queue_wait.observe(max(0.0, time.time() - published))
+        if runnable_since is not None:
+            self._queue_wait.observe(max(0.0, time.time() - runnable_since))
 
-    def on_finished(self, task: str, outcome: str, seconds: float, cpu_seconds: float) -> None:
-        self._series_of(self.finished, task, outcome).inc()
-        if outcome != "rejected":
+    def on_finished(
+        self, task: str | None, outcome: TaskOutcome, seconds: float, cpu_seconds: float
+    ) -> None:
+        task = task or UNKNOWN_TASK
+        self._series_of(self.finished, task, outcome.value).inc()
+        if outcome is not TaskOutcome.REJECTED:  # it never ran: no duration to speak of
             self._series_of(self.duration, task).observe(seconds)
             self._series_of(self.task_cpu, task).inc(cpu_seconds)
-        if outcome == "success":
+        if outcome is TaskOutcome.SUCCESS:
             self.last_success.set(time.time())
 
-    def on_settled(self, action: str, reason: str | None = None) -> None:
-        self._series_of(self.settled, action).inc()
+    def on_settled(self, action: Action, reason: Reason | None) -> None:
+        self._series_of(self.settled, action.value).inc()
         if reason is not None:
-            self._series_of(self.dead_letters, reason).inc()
+            self._series_of(self.dead_letters, reason.value).inc()
 
-    def on_restart(self, reason: str) -> None:
-        self.restarts.labels(reason).inc()
+    def on_restart(self, reason: RestartReason) -> None:
+        self.restarts.labels(reason.value).inc()
 
 
 class _Constant(Collector):

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Final
 
 import msgpack
 
+from service.errors import EncodeError, ProtocolError
+
 MSGPACK: Final = "application/msgpack"
 JSON: Final = "application/json"
 CONTENT_TYPES: Final = frozenset({MSGPACK, JSON})
+# The one parameter accepted, on JSON only: HTTP-minded clients add it, and it says what JSON
+# must be anyway (RFC 8259). Any other parameter or charset is refused, never guessed at.
+_JSON_CHARSETS: Final = frozenset({"utf-8", '"utf-8"'})
 
 # Message headers. `task` is set by publishers; the `x-hutch-*` ones are set by hutch.
 TASK_HEADER: Final = "task"
@@ -55,17 +61,29 @@ class Reason(StrEnum):
     DELIVERY_LIMIT = "delivery_limit"
 
 
-class ProtocolError(Exception):
-    """A message that breaks the protocol; it is dead-lettered with `reason`, never run."""
+def media_type(content_type: str | None) -> str | None:
+    """The allowed content type a ``content_type`` property names, or None.
 
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    ``application/msgpack`` and ``application/json`` match exactly; JSON may also carry
+    ``; charset=utf-8`` (any case, optional spaces). Everything else is None (bad_content_type).
+    """
+    if content_type in CONTENT_TYPES:
+        return content_type
+    if content_type is None:
+        return None
+    media, sep, parameter = content_type.partition(";")
+    if not sep or media.strip().lower() != JSON:
+        return None
+    name, equals, value = parameter.partition("=")
+    if equals and name.strip().lower() == "charset" and value.strip().lower() in _JSON_CHARSETS:
+        return JSON
+    return None
 
 
-class EncodeError(Exception):
-    """A value that has no representation in the chosen content type."""
+def int_header(headers: Mapping[str, Any] | None, name: str) -> int | None:
+    """A header that must be an integer; None when absent or of another type (bools too)."""
+    value = (headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -99,17 +117,18 @@ def decode(
     max_depth: int | None = DEFAULT_MAX_DEPTH,
     string_keys: bool = True,
 ) -> Any:
-    """Decode a body of an allowed content type.
+    """Decode a body of an allowed content type (`media_type` says which are allowed).
 
     ``max_depth`` caps nesting (None: no cap). ``string_keys=False`` lets msgpack maps keep
     other key types, for results: a task may return ``{1: "a"}``, a request may not.
     """
+    media = content_type if content_type in CONTENT_TYPES else media_type(content_type)
     try:
-        if content_type == MSGPACK:
+        if media == MSGPACK:
             value = msgpack.unpackb(
                 body, raw=False, strict_map_key=string_keys, ext_hook=_refuse_ext, timestamp=3
             )
-        elif content_type == JSON:
+        elif media == JSON:
             # Strict RFC 8259: UTF-8 only, and no NaN/Infinity, which JSON.parse and most other
             # parsers reject; what hutch accepts, every publisher can produce.
             value = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)

@@ -6,17 +6,18 @@ a module or looks up an attribute named by message data.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, TypedDict, TypeVar, Unpack, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
-    """A registered task and its limits.
+    """A registered task and its options; the defaults here are the only ones.
 
     - ``max_attempts``: runs before a raising task is dead-lettered (1 disables retries).
     - ``time_limit``: hard limit in seconds; the child is killed and the attempt fails.
@@ -24,6 +25,9 @@ class TaskSpec:
     - ``soft_time_limit``: seconds after which `SoftTimeLimitExceeded` is raised inside the task.
     - ``retry_backoff`` / ``retry_backoff_max``: the first retry waits about ``retry_backoff`` s,
       doubling each attempt up to ``retry_backoff_max``; held by the broker, with jitter.
+
+    Pool children read these from their own registry (the same task modules fill it), so an
+    option the child uses needs no field in the pipe protocol.
     """
 
     name: str
@@ -34,7 +38,30 @@ class TaskSpec:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for label in ("time_limit", "soft_time_limit"):
+            limit = getattr(self, label)
+            if limit is not None and limit <= 0:
+                raise ValueError(f"{label} must be positive")
+        hard, soft = self.time_limit, self.soft_time_limit
+        if hard is not None and soft is not None and soft >= hard:
+            raise ValueError("soft_time_limit must be below time_limit, or it can never fire")
 
+
+class TaskOptions(TypedDict, total=False):
+    """The keyword arguments of `task`: ``name`` and the `TaskSpec` options."""
+
+    name: str | None
+    max_attempts: int
+    time_limit: float | None
+    soft_time_limit: float | None
+    retry_backoff: float
+    retry_backoff_max: float
+
+
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(TaskSpec)) - {"name", "fn"}
 _tasks: dict[str, TaskSpec] = {}
 _names: dict[Callable[..., Any], str] = {}
 
@@ -42,58 +69,38 @@ _names: dict[Callable[..., Any], str] = {}
 @overload
 def task(fn: F, /) -> F: ...
 @overload
-def task(
-    *,
-    name: str | None = None,
-    max_attempts: int = 3,
-    time_limit: float | None = None,
-    soft_time_limit: float | None = None,
-    retry_backoff: float = 1.0,
-    retry_backoff_max: float = 300.0,
-) -> Callable[[F], F]: ...
-def task(
-    fn: F | None = None,
-    /,
-    *,
-    name: str | None = None,
-    max_attempts: int = 3,
-    time_limit: float | None = None,
-    soft_time_limit: float | None = None,
-    retry_backoff: float = 1.0,
-    retry_backoff_max: float = 300.0,
-) -> F | Callable[[F], F]:
+def task(**options: Unpack[TaskOptions]) -> Callable[[F], F]: ...
+def task(fn: F | None = None, /, **options: Unpack[TaskOptions]) -> F | Callable[[F], F]:
     """Register a function as a task and return it unchanged.
 
     Used bare (``@task``) the task is named ``"module.function"``; ``@task(name=...)`` picks the
-    name publishers use in ``headers.task``. The function stays a plain function, so it still
-    works under ``multiprocessing`` or when called directly.
+    name publishers use in ``headers.task``. The other options are `TaskSpec`'s. The function
+    stays a plain function, so it still works under ``multiprocessing`` or when called directly.
     """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
-    for label, limit in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
-        if limit is not None and limit <= 0:
-            raise ValueError(f"{label} must be positive")
-    if time_limit is not None and soft_time_limit is not None and soft_time_limit >= time_limit:
-        raise ValueError("soft_time_limit must be below time_limit, or it can never fire")
+    name = options.get("name")
+    spec_options: dict[str, Any] = {k: v for k, v in options.items() if k != "name"}
+    unknown = set(spec_options) - _OPTIONS
+    if unknown:
+        raise TypeError(
+            f"unknown task option(s) {', '.join(sorted(unknown))}; "
+            f"known: name, {', '.join(sorted(_OPTIONS))}"
+        )
+    TaskSpec("", _check, **spec_options)  # checked now, so a bad option fails where written
 
     def register(func: F) -> F:
         task_name = name or f"{func.__module__}.{func.__qualname__}"
         existing = _tasks.get(task_name)
         if existing is not None and existing.fn is not func:
             raise ValueError(f"task name {task_name!r} is already registered")
-        _tasks[task_name] = TaskSpec(
-            task_name,
-            func,
-            max_attempts=max_attempts,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            retry_backoff=retry_backoff,
-            retry_backoff_max=retry_backoff_max,
-        )
+        _tasks[task_name] = TaskSpec(task_name, func, **spec_options)
         _names[func] = task_name
         return func
 
     return register(fn) if fn is not None else register
+
+
+def _check() -> None:
+    """Stands in for the function while `task` checks its options."""
 
 
 def lookup(name: str) -> TaskSpec | None:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+from service.broker import DEFAULT_BROKER_URL, broker_url_from_env
 from service.cpus import usable_cpus
 from service.errors import ConfigError
-from service.httpserver import parse_addr
+from service.registry import TaskSpec
 
-DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+T = TypeVar("T")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -34,32 +35,66 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise ValueError(f"{text!r} must be a whole number of at least 1")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise ValueError(f"{text!r} must be 0 or more")
+        raise ValueError(f"{text!r} must be a whole number, 0 or more")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
         raise ValueError(f"{text!r} must be a positive number of seconds")
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
         raise ValueError(f"{text!r} must be 0 or a positive number of seconds")
     return value
+
+
+def flag_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse ``type=``: its message becomes argparse's error, in words
+    (argparse would otherwise print "invalid positive_int value")."""
+
+    def checked(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    checked.__name__ = parse.__name__
+    return checked
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9808)")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _modules(text: str) -> list[str]:
@@ -107,48 +142,49 @@ def _setting(
 class Settings:
     """Everything a worker can be told; see ``hutch worker --help`` for the same text."""
 
-    tasks: list[str] = _setting(
+    tasks: list[str] | None = _setting(
         None, _modules, "comma-separated modules whose @task functions this worker runs"
     )
     queue: str = _setting("default", str, "queue to consume (its dead letters go to QUEUE.dlq)")
+    # 0 stands for "not set" (a flag cannot say 0): usable CPUs, found in __post_init__.
     concurrency: int = _setting(
-        None, _positive_int, "pool size (default: usable CPUs, honouring affinity and cgroups)"
+        0, positive_int, "pool size (default: usable CPUs, honouring affinity and cgroups)"
     )
     prefetch_buffer: int = _setting(
         2,
-        _non_negative_int,
+        non_negative_int,
         "deliveries always held beyond the pool size; the first prefetch is concurrency + this",
     )
     prefetch_time: float = _setting(
         0.1,
-        _non_negative_float,
+        non_negative_float,
         "seconds of measured work per child to hold beyond the running tasks, so short tasks "
         "get a deep prefetch and long ones a shallow one (0: fixed prefetch)",
     )
     drain_timeout: float = _setting(
-        25.0, _positive_float, "seconds SIGTERM lets running tasks finish before returning them"
+        25.0, positive_float, "seconds SIGTERM lets running tasks finish before returning them"
     )
     time_limit: float = _setting(
-        840.0, _positive_float, "hard time limit in seconds for tasks that set none"
+        840.0, positive_float, "hard time limit in seconds for tasks that set none"
     )
     consumer_timeout: float = _setting(
         1800.0,
-        _positive_float,
+        positive_float,
         "RabbitMQ's consumer_timeout in seconds, to check time limits against",
     )
     max_deliveries: int = _setting(
         5,
-        _positive_int,
+        positive_int,
         "deliveries before a message that keeps killing its worker is dead-lettered",
     )
     max_body_size: int = _setting(4 << 20, parse_size, "largest task body accepted")
     max_result_size: int = _setting(8 << 20, parse_size, "largest result body sent")
-    max_depth: int = _setting(32, _positive_int, "deepest nesting of arrays and maps accepted")
+    max_depth: int = _setting(32, positive_int, "deepest nesting of arrays and maps accepted")
     memory_limit: int = _setting(
         0, parse_size, "address-space limit per child (0: none); over it a task gets MemoryError"
     )
     max_tasks_per_child: int = _setting(
-        0, _non_negative_int, "replace a child after this many tasks (0: never)"
+        0, non_negative_int, "replace a child after this many tasks (0: never)"
     )
     max_memory_per_child: int = _setting(
         0, parse_size, "replace a child whose RSS grew this much above its baseline (0: never)"
@@ -171,13 +207,42 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        if self.concurrency is None:
+        if not self.concurrency:
             self.concurrency = usable_cpus()
         check_tls(self.broker_url, insecure=self.insecure_tls)
 
     @property
     def prefetch(self) -> int:
         return self.concurrency + self.prefetch_buffer
+
+
+def time_limit_report(settings: Settings, specs: Iterable[TaskSpec]) -> tuple[str, list[str]]:
+    """What to say at start-up about time limits the broker's consumer_timeout would cut short:
+    one line of information and a warning per task at risk.
+
+    AMQP does not expose the broker's consumer_timeout, so it is taken from the setting
+    (default: RabbitMQ's default of 30 min) and said so. The broker's clock starts at delivery:
+    a delivery in the prefetch buffer can wait one whole run of the task ahead of it before its
+    own run starts, so the budget is halved when there is a buffer.
+    """
+    runs = 2 if settings.prefetch_buffer else 1
+    budget = (settings.consumer_timeout - 60) / runs
+    limits = {spec.name: spec.time_limit or settings.time_limit for spec in specs}
+    info = (
+        f"RabbitMQ's consumer_timeout cannot be read over AMQP: assuming "
+        f"{settings.consumer_timeout:g}s (--consumer-timeout); the longest hard time limit is "
+        f"{max(limits.values(), default=settings.time_limit):g}s"
+    )
+    warnings = [
+        f"task {name} has a hard time limit of {limit:g}s, but RabbitMQ's consumer_timeout "
+        f"({settings.consumer_timeout:g}s assumed; set --consumer-timeout to what the broker "
+        "uses) closes the channel of any delivery unacked that long, and a prefetched delivery "
+        f"can wait one run before its own: keep limits below {budget:g}s "
+        f"(or --prefetch-buffer 0, which allows {settings.consumer_timeout - 60:g}s)"
+        for name, limit in limits.items()
+        if limit > budget
+    ]
+    return info, warnings
 
 
 def check_tls(url: str, *, insecure: bool) -> None:
@@ -237,24 +302,3 @@ def load(
     if "broker_url" not in values:
         values["broker_url"] = broker_url_from_env(environ)
     return Settings(**values)
-
-
-def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
-    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
-
-    Shared by the worker, the client and the operator commands; raises `ConfigError`.
-    """
-    environ = os.environ if environ is None else environ
-    url = environ.get("HUTCH_BROKER_URL")
-    if url:
-        return url
-    path = environ.get("HUTCH_BROKER_URL_FILE")
-    if path:
-        try:
-            with open(path) as url_file:
-                return url_file.read().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
-            ) from None
-    return DEFAULT_BROKER_URL

@@ -9,9 +9,14 @@
 | child died while running it      | ``reject(requeue=True)``: counted by the broker            |
 | returned unfinished (drain)      | ``nack(requeue=True)``: not the message's fault            |
 
-If a confirm does not come, the message is handed back to the queue instead of acked: a
-message is never acked before what replaces it is safe. A delivery whose channel has closed is
-left alone, since the broker has already requeued it and any ack would be for a stale tag.
+`decide` is that table as a pure function; `Settler` carries its answers out. If a confirm does
+not come, the message is handed back to the queue instead of acked: a message is never acked
+before what replaces it is safe. A delivery whose channel has closed is left alone, since the
+broker has already requeued it and any ack would be for a stale tag.
+
+Every settle runs as a task the `Settler` keeps until it is done (`idle` waits for them all),
+except the common case, a success that owes nobody a result: its ack is queued at once, without
+a task (`service.acks` coalesces it with its neighbours).
 """
 
 from __future__ import annotations
@@ -21,21 +26,27 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service import protocol, topology
-from service.acks import DirectAcks
-from service.broker import CONNECTION_ERRORS, Publisher, PublishError
-from service.copies import copy_message, publisher_headers
+from service.acks import AckRouter, is_stale
+from service.broker import CONNECTION_ERRORS, Publisher
+from service.errors import PublishError
 from service.logs import task_fields
-from service.pool import Job, Outcome, OutcomeKind
+from service.observer import Observer
+from service.pool.jobs import Job, Outcome, OutcomeKind
 from service.protocol import Reason
 from service.registry import TaskSpec
+from service.republish import copy_message, publisher_headers
+
+if TYPE_CHECKING:
+    from service.admission import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +57,6 @@ def backoff(spec: TaskSpec, attempt: int) -> float:
     """Seconds before attempt ``attempt + 1``: exponential, capped, with equal jitter."""
     delay = min(spec.retry_backoff * 2.0 ** (attempt - 1), spec.retry_backoff_max)
     return delay / 2 + random.uniform(0, delay / 2)
-
-
-def is_stale(message: AbstractIncomingMessage) -> bool:
-    """True once the channel that delivered ``message`` has closed."""
-    try:
-        message.channel  # noqa: B018 - raises once the delivering channel has closed
-    except aio_pika.exceptions.ChannelInvalidStateError:
-        return True
-    return False
 
 
 class Action(StrEnum):
@@ -68,39 +70,58 @@ class Action(StrEnum):
     STALE = "stale"  # its channel closed first; the broker has requeued it already
 
 
-def decide(job: Job, outcome: Outcome) -> Action:
+class TaskOutcome(StrEnum):
+    """How one task run ended; also the ``outcome`` label of hutch_tasks_finished_total."""
+
+    SUCCESS = "success"
+    FAILED = "failed"  # raised, and no attempt is left (dead-lettered)
+    RETRIED = "retried"  # raised, and will run again after a delay
+    TIMEOUT = "timeout"  # killed at its hard time limit (retried or dead-lettered)
+    CRASHED = "crashed"  # its child died under it
+    REJECTED = "rejected"  # bad input: never ran
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a finished job: the action, how the run counts, and why it is dead.
+
+    ``outcome`` is None for a job that never finished (handed back); ``reason`` is set exactly
+    when ``action`` is DEAD_LETTER.
+    """
+
+    action: Action
+    outcome: TaskOutcome | None
+    reason: Reason | None = None
+
+
+def decide(job: Job, outcome: Outcome) -> Decision:
     """The settle rule for one outcome (see the module docstring's table)."""
     kind = outcome.kind
     if kind is OutcomeKind.OK:
-        return Action.ACK
+        return Decision(Action.ACK, TaskOutcome.SUCCESS)
     if kind is OutcomeKind.ERROR or kind is OutcomeKind.TIMEOUT:
+        timed_out = kind is OutcomeKind.TIMEOUT
         if outcome.retryable and job.attempt < job.spec.max_attempts:
-            return Action.RETRY
-        return Action.DEAD_LETTER
+            return Decision(Action.RETRY, TaskOutcome.TIMEOUT if timed_out else TaskOutcome.RETRIED)
+        reason = outcome.reason or (Reason.TIMEOUT if timed_out else Reason.FAILED)
+        return Decision(
+            Action.DEAD_LETTER, TaskOutcome.TIMEOUT if timed_out else TaskOutcome.FAILED, reason
+        )
     if kind is OutcomeKind.REJECTED:
-        return Action.DEAD_LETTER
+        return Decision(
+            Action.DEAD_LETTER, TaskOutcome.REJECTED, outcome.reason or Reason.MALFORMED
+        )
     if kind is OutcomeKind.CRASHED:
-        return Action.REQUEUE
-    return Action.RETURN
-
-
-class Acks(Protocol):
-    """Sends the ack, nack or reject of a delivery (`service.consumer.Consumer` batches them)."""
-
-    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]: ...
-
-    async def ack(self, message: AbstractIncomingMessage) -> None: ...
-
-    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None: ...
-
-    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None: ...
+        return Decision(Action.REQUEUE, TaskOutcome.CRASHED)
+    return Decision(Action.RETURN, None)
 
 
 class Settler:
-    """Carries out settle decisions for one queue; ``on_settled(action, reason)`` is told what
-    actually happened to each delivery (a publish that fails turns a decision into RETURN).
+    """Carries out settle decisions for one queue.
 
-    ``acks`` sends the final ack, nack or reject (default: through the message itself).
+    ``acks`` sends the final ack, nack or reject (default: through the message itself). The
+    ``observer`` is told how each run ended (`Observer.on_finished`) and what actually happened
+    to each delivery (`Observer.on_settled`: a publish that fails turns a decision into RETURN).
     """
 
     def __init__(
@@ -108,16 +129,61 @@ class Settler:
         publisher: Publisher,
         queue: str,
         *,
-        acks: Acks | None = None,
-        on_settled: Callable[[str, str | None], None] = lambda action, reason: None,
+        acks: AckRouter | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.publisher = publisher
         self.queue = queue
-        self._acks: Acks = acks or DirectAcks()
-        self._on_settled = on_settled
+        self._acks = acks or AckRouter()
+        self._observer = observer or Observer()
+        self._loop = asyncio.get_running_loop()
+        self._settling: set[asyncio.Future[None]] = set()  # settle tasks and pending acks
 
-    async def settle(self, job: Job, outcome: Outcome, action: Action) -> None:
-        message: AbstractIncomingMessage = job.delivery
+    # -- what the stages before this one hand over ------------------------------------------
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        """Settle a job the pool is done with (the pool's ``on_done``). Plain function: the
+        common case queues an ack and returns."""
+        decision = decide(job, outcome)
+        if decision.outcome is not None:
+            self._observer.on_finished(
+                job.spec.name, decision.outcome, job.run_seconds, job.cpu_seconds
+            )
+        message = job.delivery
+        if decision.action is Action.ACK and not (message.reply_to and outcome.payload is not None):
+            self._ack_soon(message)
+        else:
+            self._track(self._settle(job, outcome, decision))
+
+    def refuse(self, message: AbstractIncomingMessage, refusal: Refusal) -> None:
+        """Dead-letter a delivery that admission refused; it never ran."""
+        log.warning(
+            "dead-lettering message %s: %s (%s)", message.message_id, refusal.reason, refusal.detail
+        )
+        self._observer.on_finished(refusal.task, TaskOutcome.REJECTED, 0.0, 0.0)
+        self._track(
+            self.dead_letter(
+                message,
+                reason=refusal.reason,
+                error_type=str(refusal.reason),  # what a caller sees: the reason itself
+                error_message=refusal.detail,
+            )
+        )
+
+    def give_back(self, message: AbstractIncomingMessage) -> None:
+        """Hand a delivery back to the queue, uncounted: it is not the message's fault."""
+        self._track(self.requeue(message, counted=False))
+
+    async def idle(self) -> None:
+        """Wait until every settle started so far has finished."""
+        while self._settling:
+            await asyncio.wait(list(self._settling))
+
+    # -- carrying out a decision ----------------------------------------------------------
+
+    async def _settle(self, job: Job, outcome: Outcome, decision: Decision) -> None:
+        message = job.delivery
+        action = decision.action
         if action is Action.ACK:
             await self.succeed(message, outcome.payload)
         elif action is Action.RETRY:
@@ -133,10 +199,8 @@ class Settler:
             )
             await self.retry(message, job.attempt + 1, backoff(job.spec, job.attempt))
         elif action is Action.DEAD_LETTER:
-            if outcome.reason is not None:
-                reason = outcome.reason
-            else:
-                reason = Reason.TIMEOUT if outcome.kind is OutcomeKind.TIMEOUT else Reason.FAILED
+            assert decision.reason is not None
+            if outcome.kind is not OutcomeKind.REJECTED:
                 log.warning(
                     "task %s (id %s) failed after %d attempt(s): %s: %s; dead-lettered",
                     job.spec.name,
@@ -146,33 +210,46 @@ class Settler:
                     outcome.error_message,
                     extra=task_fields(job.spec.name, job.message_id, job.attempt),
                 )
-            await self.dead_letter(message, reason, outcome.error_type, outcome.error_message)
+            await self.dead_letter(
+                message,
+                reason=decision.reason,
+                error_type=outcome.error_type,
+                error_message=outcome.error_message,
+            )
         else:
             await self.requeue(message, counted=action is Action.REQUEUE)
 
-    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None] | None:
-        """Ack a success that owes nobody a result, without a task of its own (the common
-        case, so it is kept cheap). Returns what to wait for, or None if already settled."""
+    def _ack_soon(self, message: AbstractIncomingMessage) -> None:
         try:
             if is_stale(message):
                 raise aio_pika.exceptions.ChannelInvalidStateError("channel closed")
             pending = self._acks.ack_soon(message)
         except CONNECTION_ERRORS:
-            self._on_settled(Action.STALE, None)
-            return None
+            self._observer.on_settled(Action.STALE, None)
+            return
         pending.add_done_callback(self._acked)
-        return pending
+        self._settling.add(pending)
 
     def _acked(self, pending: asyncio.Future[None]) -> None:
+        self._settling.discard(pending)
         if pending.cancelled() or pending.exception() is not None:
             # The channel closed between the result and the ack: the broker redelivers it.
-            self._on_settled(Action.STALE, None)
+            self._observer.on_settled(Action.STALE, None)
         else:
-            self._on_settled(Action.ACK, None)
+            self._observer.on_settled(Action.ACK, None)
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling failed", exc_info=task.exception())
 
     async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
-        if is_stale(message):
-            self._on_settled(Action.STALE, None)
+        if self._stale(message):
             return
         if message.reply_to and payload is not None:
             try:
@@ -184,8 +261,7 @@ class Settler:
         await self._ack(message, Action.ACK)
 
     async def retry(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> None:
-        if is_stale(message):
-            self._on_settled(Action.STALE, None)
+        if self._stale(message):
             return
         headers = publisher_headers(message)
         headers[protocol.ATTEMPT_HEADER] = attempt
@@ -204,13 +280,13 @@ class Settler:
     async def dead_letter(
         self,
         message: AbstractIncomingMessage,
+        *,
         reason: Reason,
         error_type: str,
         error_message: str,
     ) -> None:
         """Move a message to ``Q.dlq`` with its reason, tell a waiting caller, then ack."""
-        if is_stale(message):
-            self._on_settled(Action.STALE, None)
+        if self._stale(message):
             return
         headers = publisher_headers(message)
         headers.update(
@@ -225,9 +301,8 @@ class Settler:
         try:
             await self._publish(copy_message(message, headers), topology.dlq_name(self.queue))
             if message.reply_to:
-                content_type = message.content_type
-                if content_type not in protocol.CONTENT_TYPES:
-                    content_type = protocol.JSON
+                # A readable error even when the request's content type was not.
+                content_type = protocol.media_type(message.content_type) or protocol.JSON
                 body = protocol.error_result(content_type, error_type, error_message)
                 await self._reply(message, body, content_type)
         except PublishError as exc:
@@ -238,8 +313,7 @@ class Settler:
 
     async def requeue(self, message: AbstractIncomingMessage, *, counted: bool) -> None:
         """Hand a message back. ``counted`` uses reject, which 4.3+ counts toward the limit."""
-        if is_stale(message):
-            self._on_settled(Action.STALE, None)
+        if self._stale(message):
             return
         try:
             if counted:
@@ -247,9 +321,16 @@ class Settler:
             else:
                 await self._acks.nack(message, requeue=True)
         except CONNECTION_ERRORS:
-            self._on_settled(Action.STALE, None)
+            self._observer.on_settled(Action.STALE, None)
             return
-        self._on_settled(Action.REQUEUE if counted else Action.RETURN, None)
+        self._observer.on_settled(Action.REQUEUE if counted else Action.RETURN, None)
+
+    def _stale(self, message: AbstractIncomingMessage) -> bool:
+        """True (and counted) when the delivery's channel closed: nothing may be sent for it."""
+        if is_stale(message):
+            self._observer.on_settled(Action.STALE, None)
+            return True
+        return False
 
     async def _reply(
         self, message: AbstractIncomingMessage, body: bytes, content_type: str | None = None
@@ -258,7 +339,7 @@ class Settler:
         await self._publish(
             aio_pika.Message(
                 body,
-                content_type=content_type or message.content_type,
+                content_type=content_type or protocol.media_type(message.content_type),
                 correlation_id=message.correlation_id or message.message_id,
                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             ),
@@ -309,7 +390,6 @@ class Settler:
             await self._acks.ack(message)
         except CONNECTION_ERRORS:
             # The channel closed between the publish and the ack: the broker redelivers it.
-            self._on_settled(Action.STALE, None)
+            self._observer.on_settled(Action.STALE, None)
             return
-        self._on_settled(action, reason)
-
+        self._observer.on_settled(action, reason)

@@ -16,10 +16,16 @@ exact 28-word pattern (a ``#`` pattern would also match queues whose names end i
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any, Final
 
-from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, ExchangeType
+
+from service.broker import CONNECTION_ERRORS, open_channel
+from service.errors import QueueNotFound
 
 # Must be identical on every host and in every publisher that declares the queue: a mismatch is
 # refused by the broker with PRECONDITION_FAILED. hutch dead-letters poison messages itself
@@ -114,3 +120,32 @@ async def declare_queue(channel: AbstractChannel, queue: str) -> AbstractQueue:
 async def declare(channel: AbstractChannel, queue: str) -> AbstractQueue:
     await declare_delays(channel)
     return await declare_queue(channel, queue)
+
+
+async def passive_declare(channel: AbstractChannel, queue: str) -> AbstractQueue:
+    """The existing ``queue`` (its ``declaration_result`` has the counts), or `QueueNotFound`.
+
+    The broker closes ``channel`` when the queue does not exist, as AMQP requires.
+    """
+    try:
+        return await channel.declare_queue(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise QueueNotFound(queue) from None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    ready: int  # messages ready for delivery
+    consumers: int
+
+
+async def queue_counts(connection: AbstractConnection, queue: str) -> QueueCounts:
+    """Ready messages and consumers of ``queue`` now, on a channel of its own (so a missing
+    queue, `QueueNotFound`, costs no caller its channel)."""
+    channel = await open_channel(connection, publisher_confirms=False)
+    try:
+        result = (await passive_declare(channel, queue)).declaration_result
+    finally:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await channel.close()
+    return QueueCounts(int(result.message_count or 0), int(result.consumer_count or 0))

@@ -16,7 +16,8 @@ from urllib.parse import quote
 import pytest
 
 from service import protocol, topology
-from service.management import ManagementAPI, ManagementUnavailable
+from service.errors import ManagementUnavailable
+from service.ops.management import ManagementAPI
 from tests.conftest import BROKER, ROOT, Broker, Vhost
 
 MANAGEMENT_URL = "http://127.0.0.1:15672"

@@ -14,8 +14,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from service import deadletters, protocol, topology
-from service.deadletters import Filter, parse_since
+from service import protocol, topology
+from service.ops import deadletters
+from service.ops.deadletters import Filter, parse_since
 from tests.cli_helpers import (
     ROOT,
     dead_letter,

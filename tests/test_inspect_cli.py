@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.management import ManagementAPI, ManagementUnavailable, rate, vhost_of
+from service.broker import vhost_of
+from service.errors import ManagementUnavailable
+from service.ops.management import ManagementAPI, rate
 from tests.cli_helpers import dead_letter, hutch, no_traceback, require_management
 from tests.conftest import Broker, Vhost
 

@@ -17,7 +17,7 @@ from service.client import AsyncClient
 from service.commands import UsageError
 from service.commands.map import envelope, read_arguments
 from service.errors import TaskError
-from service.progress import Progress
+from service.commands.progress import Progress
 from tests.cli_helpers import ROOT, hutch, hutch_env, no_traceback
 from tests.conftest import Broker, Vhost
 

@@ -18,16 +18,10 @@ import pytest
 
 import tests.pool_tasks  # noqa: F401  (registers the tasks in this process too)
 from service import protocol, registry
-from service.pool import (
-    _MAX_JOBS_PER_CHILD,
-    _PIPELINE_BELOW,
-    Job,
-    Outcome,
-    OutcomeKind,
-    Pool,
-    PoolStartError,
-    RestartReason,
-)
+from service.errors import PoolStartError
+from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
+from service.pool.pipelining import MAX_JOBS_PER_CHILD, PIPELINE_BELOW
+from service.pool.supervisor import Pool
 from service.protocol import JSON, MSGPACK, Reason
 from service.registry import TaskSpec
 
@@ -149,7 +143,7 @@ def gone_or_zombie(pid: int) -> bool:
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Children run `python -m service.child --tasks tests.pool_tasks` in our working directory.
+    # Children run `python -m service.pool.child --tasks tests.pool_tasks` in our working directory.
     monkeypatch.chdir(REPO)
 
 
@@ -458,7 +452,7 @@ def held(pool: Pool) -> list[int]:
 
 def seed_mean(pool: Pool, name: str, seconds: float = 0.001) -> None:
     """Make the pool believe ``name`` usually takes ``seconds``, so pipelining is decided now."""
-    pool._means[f"{TASKS}.{name}"] = seconds
+    pool.pipelining.means[f"{TASKS}.{name}"] = seconds
 
 
 def spy_depths(pool: Pool) -> list[int]:
@@ -489,9 +483,9 @@ async def test_short_tasks_are_pipelined() -> None:
         assert held(h.pool) == [1, 1]  # nothing measured yet: one each
         outcomes = await h.wait(*jobs)
         assert [result_of(o) for o in outcomes] == [i + 1 for i in range(200)]
-        assert h.pool._means[f"{TASKS}.add"] < _PIPELINE_BELOW
+        assert h.pool.pipelining.means[f"{TASKS}.add"] < PIPELINE_BELOW
         assert max(depths) >= 2, "no job was ever queued behind a short one"
-        assert max(depths) <= _MAX_JOBS_PER_CHILD
+        assert max(depths) <= MAX_JOBS_PER_CHILD
         assert h.pool.in_flight == 0
 
 
@@ -515,7 +509,7 @@ async def test_nothing_is_queued_behind_a_long_task() -> None:
     async with running_pool(size=2) as h:
         depths = spy_depths(h.pool)
         assert result_of(await h.run(job("sleep_then", 0.1, "learn"))) == "learn"
-        assert h.pool._means[f"{TASKS}.sleep_then"] >= _PIPELINE_BELOW
+        assert h.pool.pipelining.means[f"{TASKS}.sleep_then"] >= PIPELINE_BELOW
         one = job("sleep_then", 0.3, 1)
         h.submit(one)
         await asyncio.sleep(0)  # busy children are topped up once per loop turn
@@ -567,7 +561,7 @@ async def test_timed_out_child_blames_only_its_running_job() -> None:
         assert result_of(ran) == 5
         assert h.restarts == [RestartReason.TIMEOUT]
         # A timeout counts as a long run: nothing is queued behind that task any more.
-        assert h.pool._means[f"{TASKS}.sleep_forever"] >= _PIPELINE_BELOW
+        assert h.pool.pipelining.means[f"{TASKS}.sleep_forever"] >= PIPELINE_BELOW
         await settle_down(h)
 
 
@@ -719,7 +713,8 @@ ORPHAN_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import tests.pool_tasks
     from service import protocol, registry
-    from service.pool import Job, Pool
+    from service.pool.jobs import Job
+    from service.pool.supervisor import Pool
 
     async def main():
         pool = Pool(["tests.pool_tasks"], size=2, on_done=lambda j, o: None,
@@ -750,7 +745,7 @@ async def test_children_die_with_their_parent(tmp_path: Path) -> None:
         pids = [int(p) for p in line.split()]
         assert len(pids) == 2
         for pid in pids:
-            assert b"service.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"service.pool.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
             assert not gone_or_zombie(pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -781,8 +776,8 @@ async def test_sub_millisecond_tasks_queue_deeper_in_one_write() -> None:
         jobs = [job("add", i, 1) for i in range(40)]
         h.submit(*jobs)
         await asyncio.sleep(0)
-        assert held(h.pool) == [_MAX_JOBS_PER_CHILD]
-        assert writes == [1, _MAX_JOBS_PER_CHILD - 1]  # the idle child at once, then one top-up
+        assert held(h.pool) == [MAX_JOBS_PER_CHILD]
+        assert writes == [1, MAX_JOBS_PER_CHILD - 1]  # the idle child at once, then one top-up
         outcomes = await h.wait(*jobs)
         assert [result_of(o) for o in outcomes] == [i + 1 for i in range(40)]
 

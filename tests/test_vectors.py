@@ -23,9 +23,10 @@ import pytest
 
 import examples.tasks  # noqa: F401 - registers add(a, b) as "add", the vectors' task
 from service import protocol
-from service.child import Runner
-from service.consumer import Refusal, admit
-from service.pipe import JobFrame, Kind
+from service.admission import Refusal, admit
+from service.pool.child import Runner
+from service.pool.jobs import OutcomeKind
+from service.pool.pipe import JobFrame
 from service.protocol import ProtocolError, Reason
 from service.settings import load
 
@@ -147,24 +148,12 @@ def run_like_a_worker(vector: dict[str, Any]) -> Verdict:
         # What the worker's settler sends: error.type is the reason itself.
         return Verdict(verdict.reason, str(verdict.reason), verdict.detail)
     runner = Runner(max_depth=settings["max_depth"], max_result_size=8 << 20)
-    result = runner.run(
-        JobFrame(
-            1,
-            verdict.spec.name,
-            verdict.content_type,
-            verdict.body,
-            verdict.message_id,
-            verdict.attempt,
-            verdict.deliveries,
-            verdict.redelivered,
-            None,
-            verdict.want_result,
-        )
-    )
-    if result.kind is Kind.REJECTED:
-        return Verdict(Reason(result.error_type), result.error_type, result.error_message)
-    assert result.kind is Kind.OK, result
-    return Verdict(None, payload=result.payload)
+    verdict.id = 1
+    outcome = runner.run(JobFrame.from_job(verdict))
+    if outcome.kind is OutcomeKind.REJECTED:
+        return Verdict(Reason(outcome.error_type), outcome.error_type, outcome.error_message)
+    assert outcome.kind is OutcomeKind.OK, outcome
+    return Verdict(None, payload=outcome.payload)
 
 
 # -- the file itself -------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""Operator commands: ``hutch dlq``, ``hutch inspect`` and ``hutch map``.
+"""The commands besides ``hutch worker``: ``call``, ``map``, ``dlq`` and ``inspect``.
 
 Each command module has ``add_parser(commands)``, which sets the parser's ``run`` default to the
 command's handler; ``service/cli.py`` only wires them in. The work itself lives in
-`service.deadletters`, `service.inspection` and `service.client`; these modules parse options
-and print.
+`service.client` and `service.ops`; these modules parse options and print.
 
 User errors (unreachable broker, unknown queue, bad filter, unreadable input) raise `UsageError`:
 one line on stderr saying what to do, exit status 2, no traceback.
@@ -18,23 +17,19 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from service import topology
-from service.broker import CONNECTION_ERRORS, connect, safe_url
-from service.errors import ConfigError, HutchError
-from service.management import vhost_of
-from service.settings import broker_url_from_env
+from service import protocol, topology
+from service.broker import CONNECTION_ERRORS, broker_url_from_env, connect, safe_url, vhost_of
+from service.client import Client
+from service.errors import ConfigError, UsageError
 
 CONNECT_TIMEOUT = 15.0
-
-
-class UsageError(HutchError):
-    """The command cannot run as asked; the message says what to do instead (exit 2)."""
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -111,6 +106,40 @@ def explain_connection_error(exc: BaseException, url: str) -> str:
         f"the broker at {where} refused the connection: vhost {vhost_of(url)!r} does not "
         "exist or the user may not use it; check HUTCH_BROKER_URL"
     )
+
+
+def content_type_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--json``: publish as JSON instead of msgpack (sets ``content_type``)."""
+    parser.add_argument(
+        "--json",
+        dest="content_type",
+        action="store_const",
+        const=protocol.JSON,
+        default=protocol.MSGPACK,
+        help=help,
+    )
+
+
+@contextlib.contextmanager
+def connected_client(url: str, **options: Any) -> Iterator[Client]:
+    """A connected `Client`, or `UsageError` saying why the broker did not take it."""
+    try:
+        client = Client(url, **options)
+    except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+        raise UsageError(explain_connection_error(exc, url)) from None
+    with client:
+        yield client
+
+
+def say_if_unconsumed(client: Client, queue: str) -> None:
+    """One line on stderr when no worker consumes ``queue`` yet: the command will wait."""
+    if client.consumer_count() == 0:
+        print(
+            f"hutch: no worker is consuming {queue!r} yet; waiting (start one with "
+            f"'hutch worker --queue {queue} --tasks MODULE')",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @contextlib.asynccontextmanager

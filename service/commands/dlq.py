@@ -1,8 +1,9 @@
 """``hutch dlq ls|show|replay|purge``: look at and recover dead letters.
 
 Lines for dead letters go to stdout (as JSON lines with ``--json``); counts, warnings and errors
-go to stderr, so stdout can be piped. See `service.deadletters` for how a queue is read without
-taking from it and why an interrupted replay can duplicate but never lose a message.
+go to stderr, so stdout can be piped. See `service.ops.browser` for how a queue is read without
+taking from it and `service.ops.dlq` for why an interrupted replay can duplicate but never lose
+a message.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
-from service import deadletters, topology
-from service.broker import Publisher
+from service import protocol, topology
+from service.broker import Publisher, vhost_of
 from service.commands import (
-    UsageError,
     broker_connection,
     broker_url,
     checked_queue,
@@ -29,34 +29,23 @@ from service.commands import (
     default_queue,
     plural,
 )
-from service.deadletters import DeadLetter, Detail, Filter, Scan, iso, jsonable, raw_text
-from service.errors import QueueNotFound
-from service.management import vhost_of
+from service.commands.render import detail_json, jsonable, raw_text, table
+from service.errors import QueueNotFound, UsageError
+from service.ops import dlq
+from service.ops.deadletters import REASONS, DeadLetter, Filter, iso, parse_since
+from service.ops.dlq import Detail, Scan
+from service.settings import flag_type, positive_float, positive_int
 
 ERROR_WIDTH = 160  # characters of the error shown per line; `show` and --json have all of it
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
-
-
 def add_parser(commands: Any) -> None:
-    dlq = commands.add_parser(
+    parser = commands.add_parser(
         "dlq",
         help="list, show, replay or purge dead letters",
         description="Look at and recover the dead letters of a queue Q (kept in Q.dlq).",
     )
-    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument(
@@ -78,7 +67,7 @@ def add_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="REASON",
-        help="dead-letter reason: " + ", ".join(deadletters.REASONS),
+        help="dead-letter reason: " + ", ".join(REASONS),
     )
     chosen.add_argument(
         "--since",
@@ -91,7 +80,7 @@ def add_parser(commands: Any) -> None:
     )
     chosen.add_argument(
         "--limit",
-        type=_positive_int,
+        type=flag_type(positive_int),
         metavar="N",
         help="at most N dead letters, the first in the queue",
     )
@@ -130,7 +119,7 @@ def add_parser(commands: Any) -> None:
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed")
     replay.add_argument(
         "--rate",
-        type=_positive_float,
+        type=flag_type(positive_float),
         metavar="N",
         help="replay at most N per second, to spare the workers (default: no limit)",
     )
@@ -156,7 +145,7 @@ def _filter(options: argparse.Namespace) -> Filter:
             tasks=tuple(options.task),
             reasons=tuple(options.reason),
             ids=tuple(options.id),
-            since=deadletters.parse_since(options.since) if options.since else None,
+            since=parse_since(options.since) if options.since else None,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -199,7 +188,7 @@ def _error(letter: DeadLetter) -> str:
     if letter.error_type is None and letter.error_message is None:
         return "-"
     text = _one_line(f"{letter.error_type or '?'}: {letter.error_message or ''}")
-    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 3] + "..."
+    return protocol.truncate(text, ERROR_WIDTH)
 
 
 def _row(letter: DeadLetter) -> list[str]:
@@ -217,12 +206,7 @@ def _row(letter: DeadLetter) -> list[str]:
 def _table(letters: Sequence[DeadLetter]) -> None:
     header = ["ID", "TASK", "REASON", "ATTEMPTS", "REPLAYS", "DEAD-LETTERED", "ERROR"]
     rows = [header, *(_row(letter) for letter in letters)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        for i in (3, 4):  # numbers right-aligned
-            cells[i] = row[i].rjust(widths[i])
-        print("  ".join([*cells, row[-1]]).rstrip())
+    print(table(rows, right=(3, 4), ragged_last=True))
 
 
 def _json_line(value: dict[str, Any]) -> None:
@@ -254,7 +238,7 @@ def _ls(options: argparse.Namespace) -> int:
     async def main() -> int:
         async with broker_connection(url, name="hutch dlq ls") as connection:
             try:
-                scan = await deadletters.list_letters(connection, queue, where, limit=options.limit)
+                scan = await dlq.list_letters(connection, queue, where, limit=options.limit)
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None
             _print_letters(scan.letters, options.json)
@@ -309,7 +293,7 @@ def _show(options: argparse.Namespace) -> int:
     async def main() -> int:
         async with broker_connection(url, name="hutch dlq show") as connection:
             try:
-                found = await deadletters.find(connection, queue, options.id)
+                found = await dlq.find(connection, queue, options.id)
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None
             _incomplete(found.scan)
@@ -328,7 +312,7 @@ def _show(options: argparse.Namespace) -> int:
             )
         for index, detail in enumerate(found.details, 1):
             if options.json:
-                _json_line(detail.to_json())
+                _json_line(detail_json(detail))
             else:
                 if index > 1:
                     print()
@@ -346,7 +330,7 @@ async def _dry_run(
     verb: str,
 ) -> None:
     """List what ``verb`` (replay or purge) would touch, and change nothing."""
-    scan = await deadletters.list_letters(connection, queue, where, limit=options.limit)
+    scan = await dlq.list_letters(connection, queue, where, limit=options.limit)
     _print_letters(scan.letters, options.json)
     print(_summary(scan, where, f"dry run: would {verb}") + "; nothing changed", file=sys.stderr)
     _incomplete(scan)
@@ -370,7 +354,7 @@ def _replay(options: argparse.Namespace) -> int:
                     return 0
                 publisher = Publisher(url, name="hutch dlq replay publish")
                 try:
-                    outcome = await deadletters.replay(
+                    report = await dlq.replay(
                         connection,
                         publisher,
                         queue,
@@ -383,12 +367,12 @@ def _replay(options: argparse.Namespace) -> int:
                     await publisher.close()
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None
-            scan = outcome.scan
+            scan = report.scan
             print(_summary(scan, where, "replayed") + f" to {queue}", file=sys.stderr)
             _incomplete(scan)
-            if outcome.error is not None:
+            if report.error is not None:
                 print(
-                    f"hutch: error: replay stopped: {outcome.error}; the dead letters not "
+                    f"hutch: error: replay stopped: {report.error}; the dead letters not "
                     f"replayed are still in {scan.dlq}",
                     file=sys.stderr,
                 )
@@ -419,13 +403,13 @@ def _purge(options: argparse.Namespace) -> int:
                 if options.dry_run:
                     await _dry_run(connection, queue, where, options, "purge")
                     return 0
-                outcome = await deadletters.purge(
+                report = await dlq.purge(
                     connection, queue, where, limit=options.limit, on_purged=purged
                 )
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None
-            print(_summary(outcome.scan, where, "purged"), file=sys.stderr)
-            _incomplete(outcome.scan)
+            print(_summary(report.scan, where, "purged"), file=sys.stderr)
+            _incomplete(report.scan)
         return 0
 
     return asyncio.run(main())

@@ -8,11 +8,14 @@ import json
 import sys
 from typing import Any
 
-from service import inspection, topology
-from service.commands import UsageError, broker_connection, broker_url, checked_queue, command
-from service.errors import QueueNotFound
-from service.inspection import QueueStats
-from service.management import URL_VARIABLE, ManagementAPI, vhost_of
+from service import topology
+from service.broker import vhost_of
+from service.commands import broker_connection, broker_url, checked_queue, command
+from service.commands.render import table
+from service.errors import ManagementRequired, QueueNotFound, UsageError
+from service.ops import inspection
+from service.ops.inspection import QueueStats
+from service.ops.management import URL_VARIABLE, ManagementAPI
 
 
 def add_parser(commands: Any) -> None:
@@ -54,11 +57,7 @@ def _table(stats: list[QueueStats]) -> None:
                 _number(rates.dead_letter if rates else None),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
-        print("  ".join(cells))
+    print(table(rows, right=range(1, len(header))))
 
 
 @command
@@ -72,7 +71,7 @@ def _inspect(options: argparse.Namespace) -> int:
         async with broker_connection(url, name="hutch inspect") as connection:
             try:
                 return await inspection.inspect(connection, api, vhost, queue)
-            except inspection.ManagementRequired as exc:
+            except ManagementRequired as exc:
                 raise UsageError(
                     f"listing queues needs the management API: {exc}; or name a queue with "
                     "--queue Q"

@@ -19,20 +19,19 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from service import protocol
-from service.broker import CONNECTION_ERRORS
-from service.client import Client
 from service.commands import (
-    UsageError,
     broker_url,
     checked_queue,
     command,
+    connected_client,
+    content_type_flag,
     default_queue,
-    explain_connection_error,
     plural,
+    say_if_unconsumed,
 )
-from service.errors import TaskError
-from service.progress import Progress
+from service.commands.progress import Progress
+from service.errors import TaskError, UsageError
+from service.settings import flag_type, positive_float, positive_int
 
 
 def add_parser(commands: Any) -> None:
@@ -53,18 +52,16 @@ def add_parser(commands: Any) -> None:
         help="file with one JSON array of arguments per line; - for standard input",
     )
     parser.add_argument("--queue", default=default_queue())
-    parser.add_argument("--timeout", type=float, help="seconds to wait for each result")
     parser.add_argument(
-        "--window", type=int, default=1000, help="most tasks in flight at once (default 1000)"
+        "--timeout", type=flag_type(positive_float), help="seconds to wait for each result"
     )
     parser.add_argument(
-        "--json",
-        dest="content_type",
-        action="store_const",
-        const=protocol.JSON,
-        default=protocol.MSGPACK,
-        help="publish the tasks as JSON instead of msgpack",
+        "--window",
+        type=flag_type(positive_int),
+        default=1000,
+        help="most tasks in flight at once (default 1000)",
     )
+    content_type_flag(parser, "publish the tasks as JSON instead of msgpack")
     parser.set_defaults(run=_map)
 
 
@@ -161,10 +158,6 @@ class OrderedWriter:
 @command
 def _map(options: argparse.Namespace) -> int:
     queue = checked_queue(options.queue)
-    if options.window < 1:
-        raise UsageError("--window must be at least 1")
-    if options.timeout is not None and not options.timeout > 0:
-        raise UsageError("--timeout must be a positive number of seconds")
     source = "standard input" if options.source == "-" else options.source
     try:
         if options.source == "-":
@@ -178,21 +171,17 @@ def _map(options: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {source}: not UTF-8 text ({exc.reason})") from None
 
     url = broker_url()
-    try:
-        client = Client(
-            url,
-            queue=queue,
-            timeout=options.timeout,
-            content_type=options.content_type,
-            window=options.window,
-        )
-    except (*CONNECTION_ERRORS, TimeoutError) as exc:
-        raise UsageError(explain_connection_error(exc, url)) from None
-
-    started = time.monotonic()
     progress = Progress(len(items), sys.stderr)
     writer = OrderedWriter(len(items), sys.stdout, progress, options.timeout)
-    with client:
+    with connected_client(
+        url,
+        queue=queue,
+        timeout=options.timeout,
+        content_type=options.content_type,
+        window=options.window,
+    ) as client:
+        say_if_unconsumed(client, queue)
+        started = time.monotonic()
         try:
             results = client.starmap(
                 options.task, items, return_exceptions=True, on_result=writer.put

@@ -1,18 +1,33 @@
 """The per-host process pool, supervised from the event loop.
 
-Each child is a fresh interpreter (``python -m service.child``, so nothing is forked from the
-running loop) that runs one job at a time, in the order its frames arrive. Behind a job whose
-task usually finishes within a few milliseconds the pool queues one more, so the child starts
-it the moment it sends the previous result instead of idling for a round trip through the
-parent (pipelining). Only the first unanswered job of a child (its head) is running: a death
-is blamed on exactly that job, the job queued behind it goes back to the pool's queue
-unreported to run on another child, and the other children keep running. The stdlib
-`ProcessPoolExecutor` instead fails every in-flight future when one child dies.
+Each child is a fresh interpreter (``python -m service.pool.child``, so nothing is forked from
+the running loop) that runs one job at a time, in the order its frames arrive. The stdlib
+`ProcessPoolExecutor` fails every in-flight future when one child dies; here a death is blamed
+on exactly one job and the other children keep running.
 
-A child's pipe carries length-prefixed frames (`service.pipe`); the parent splits them as the
-bytes arrive, in the pipe's protocol callback (no task wakes up per result), and never decodes
-task arguments or results. Outcomes are reported
-through the ``on_done`` callback, in the order jobs finish.
+Where a job is, from `Pool.submit` to ``on_done``::
+
+    submit(job) ──▶ _pending (deque) ──_dispatch/_top_up──▶ _Child.jobs (deque) ──stdin──▶ child
+                     ▲      ▲                                 │ jobs[0] is running (its head);
+                     │      └── bystanders of a dead child ───┤ the rest are queued behind it
+      take_pending ◀─┘          (front of the queue, unreported)│
+                                                              ▼
+    on_done(job, outcome) ◀── _on_result (pipe callback) ◀── stdout: ResultFrame per job
+                          ◀── _on_exit: head CRASHED / TIMEOUT, doomed RETURNED
+
+- ``_pending``: jobs accepted and not yet sent to a child. Idle children get one at once;
+  busy ones are topped up once per loop turn (one ``write`` each) behind short tasks, as
+  `service.pool.pipelining` allows.
+- ``_Child.jobs``: what one child holds, in the order sent. Only the head has started: its
+  clock (``Job.started``) and hard time limit (``_Child.timer``) start when it becomes the head.
+- A job leaves through ``on_done`` exactly once: with the child's outcome, or CRASHED/TIMEOUT
+  (the head of a child that died or was killed at its limit), or RETURNED (abandoned with
+  `abort`, or left when the pool closes). Jobs queued behind a dead head never ran, or were cut
+  short through no fault of their own: they go back to the front of ``_pending`` unreported.
+
+A child's pipe carries length-prefixed frames (`service.pool.pipe`); the parent splits them as
+the bytes arrive, in the pipe's protocol callback (no task wakes up per result), and never
+decodes task arguments or results.
 """
 
 from __future__ import annotations
@@ -27,74 +42,17 @@ import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
+from service.errors import PoolStartError
 from service.logs import task_fields
-from service.pipe import HEADER, READY, JobFrame, Kind, ResultFrame
-from service.protocol import Reason
-from service.registry import TaskSpec
+from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
+from service.pool.pipe import HEADER, READY, JobFrame, ResultFrame
+from service.pool.pipelining import Pipelining
 
 log = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT = 60.0
 _RESPAWN_BACKOFF_MAX = 10.0
-# A job is queued behind a running one only if the running job's task has a known mean run
-# time below this. The queued job waits for the one ahead, so this bounds the latency it adds
-# (about this much, on average) and keeps a child from hoarding work behind a long task while
-# another child could take it as soon as it is free.
-_PIPELINE_BELOW = 0.02
-# Sub-millisecond tasks get a deeper queue, while the known mean run times of everything the
-# child holds add up to less than this: the child then reads several jobs per wake-up and the
-# parent writes them in one system call, and no queued job waits more than about this long.
-_QUEUE_BUDGET = 0.002
-_MAX_JOBS_PER_CHILD = 8
-_MEAN_WEIGHT = 0.2  # weight of the newest duration in a task's moving mean
-
-
-class OutcomeKind(Enum):
-    OK = "ok"
-    ERROR = "error"  # the task raised (or its result could not be sent)
-    REJECTED = "rejected"  # bad input: `Outcome.reason` says which
-    CRASHED = "crashed"  # the child died while running this job
-    TIMEOUT = "timeout"  # the hard time limit passed and the child was killed
-    RETURNED = "returned"  # never finished through no fault of its own (drain deadline)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    kind: OutcomeKind
-    payload: bytes | None = None
-    error_type: str = ""
-    error_message: str = ""
-    retryable: bool = True
-    reason: Reason | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Job:
-    """One delivery on its way through the pool; ``delivery`` is the consumer's handle."""
-
-    spec: TaskSpec
-    content_type: str
-    body: bytes
-    message_id: str
-    attempt: int
-    deliveries: int
-    redelivered: bool
-    want_result: bool
-    delivery: Any
-    id: int = 0
-    started: float = 0.0  # loop time when its child started it (became its head); 0 until then
-    cpu_seconds: float = 0.0  # CPU the child spent on it, once finished
-
-
-class RestartReason(Enum):
-    CRASH = "crash"
-    TIMEOUT = "timeout"
-    ABORT = "abort"  # its job was abandoned (the delivery's connection was lost)
-    RECYCLE_TASKS = "recycle_tasks"
-    RECYCLE_MEMORY = "recycle_memory"
 
 
 class _ChildPipe(asyncio.subprocess.SubprocessStreamProtocol):
@@ -157,21 +115,12 @@ class _Child:
         return self.proc.pid
 
 
-class PoolStartError(RuntimeError):
-    """A child could not start (usually: a task module failed to import in it)."""
-
-
 class Pool:
-    """N children, each running one job with at most one more queued behind it; jobs beyond
-    that wait in a local queue.
+    """N children, each running one job with a few more queued behind it when they are short;
+    jobs beyond that wait in a local queue.
 
-    Idle children are filled first; a second job goes to a child only behind a running job
-    whose task's mean duration is below `_PIPELINE_BELOW`. A job's start time and hard time
-    limit begin when it becomes its child's head (the child runs them in order). When a child
-    dies only its head is blamed (CRASHED or TIMEOUT); the jobs queued behind it never ran or
-    were cut short through no fault of their own, so they return to the front of the local
-    queue with no outcome reported (no redelivery, no delivery-count penalty), or are
-    reported RETURNED if the pool is closing and nothing would run them.
+    Idle children are filled first; more jobs go to a child only behind short ones (see
+    `service.pool.pipelining`). The module docstring draws where a job is at each step.
 
     Options (keyword arguments):
 
@@ -214,7 +163,7 @@ class Pool:
         self._max_memory = max_memory_per_child
         self._children: set[_Child] = set()
         self._pending: deque[Job] = deque()
-        self._means: dict[str, float] = {}  # task name -> moving mean run time in seconds
+        self.pipelining = Pipelining()
         self._topping_up = False  # a `_top_up` is scheduled for this loop turn
         self._ids = itertools.count(1)
         self._closing = False
@@ -347,7 +296,7 @@ class Pool:
             lambda: _ChildPipe(loop),
             sys.executable,
             "-m",
-            "service.child",
+            "service.pool.child",
             "--tasks",
             ",".join(self._modules),
             "--parent-pid",
@@ -444,17 +393,11 @@ class Pool:
 
     def _may_queue(self, child: _Child, batch: list[Job]) -> bool:
         """Whether ``child`` may take one more job behind what it holds (and ``batch``)."""
-        held = len(child.jobs) + len(batch)
-        if held == 0:
+        if not child.jobs and not batch:
             return self._accepts(child)
-        if held >= _MAX_JOBS_PER_CHILD or not self._accepts(child, extra=len(batch)):
+        if not self._accepts(child, extra=len(batch)):
             return False
-        means = [self._means.get(job.spec.name) for job in (*child.jobs, *batch)]
-        if any(mean is None for mean in means):
-            return False  # never queue behind a task not yet measured
-        if held == 1:
-            return means[0] is not None and means[0] < _PIPELINE_BELOW
-        return sum(mean for mean in means if mean is not None) < _QUEUE_BUDGET
+        return self.pipelining.may_queue([job.spec.name for job in (*child.jobs, *batch)])
 
     def _accepts(self, child: _Child, extra: int = 0) -> bool:
         """Whether ``child`` may be sent a job at all (idle or not), ``extra`` more on top."""
@@ -466,11 +409,10 @@ class Pool:
         held = child.tasks_done + len(child.jobs) + extra
         return not (self._max_tasks and held >= self._max_tasks)
 
-    def _observe(self, job: Job, seconds: float) -> None:
-        mean = self._means.get(job.spec.name)
-        self._means[job.spec.name] = (
-            seconds if mean is None else mean + _MEAN_WEIGHT * (seconds - mean)
-        )
+    def _finished(self, job: Job) -> None:
+        """``job`` has ended (result, time-out or crash): record how long it ran."""
+        job.run_seconds = self._loop.time() - job.started
+        self.pipelining.observe(job.spec.name, job.run_seconds)
 
     def _write(self, child: _Child, jobs: list[Job]) -> None:
         frames = []
@@ -479,20 +421,7 @@ class Pool:
             child.jobs.append(job)
             if len(child.jobs) == 1:
                 self._start_head(child)
-            frames.append(
-                JobFrame(
-                    job.id,
-                    job.spec.name,
-                    job.content_type,
-                    job.body,
-                    job.message_id,
-                    job.attempt,
-                    job.deliveries,
-                    job.redelivered,
-                    job.spec.soft_time_limit,
-                    job.want_result,
-                ).pack()
-            )
+            frames.append(JobFrame.from_job(job).pack())
         assert child.proc.stdin is not None
         child.proc.stdin.write(b"".join(frames))
 
@@ -527,7 +456,7 @@ class Pool:
         if child.timer is not None:
             child.timer.cancel()
             child.timer = None
-        self._observe(job, self._loop.time() - job.started)
+        self._finished(job)
         if child.jobs:  # the child started the next job right after sending this result
             self._start_head(child)
         child.tasks_done += 1
@@ -536,7 +465,7 @@ class Pool:
         child.rss = result.rss_bytes
         if child.tasks_done == 1:
             child.baseline_rss = result.rss_bytes
-        self._on_done(job, _outcome(result))
+        self._on_done(job, result.outcome)
         self._maybe_retire(child)
         self._dispatch()
 
@@ -574,6 +503,7 @@ class Pool:
                 outcome = self._timeout(first)
             else:
                 reason = RestartReason.CRASH
+                self._finished(first)
                 outcome = Outcome(
                     OutcomeKind.CRASHED,
                     error_type="ChildDied",
@@ -607,32 +537,13 @@ class Pool:
         self._dispatch()
 
     def _timeout(self, job: Job) -> Outcome:
-        self._observe(job, self._loop.time() - job.started)  # nothing is queued behind it now
+        self._finished(job)  # nothing is queued behind it now
         limit = job.spec.time_limit or self._time_limit
         return Outcome(
             OutcomeKind.TIMEOUT,
             error_type="TimeLimitExceeded",
             error_message=f"hard time limit of {limit:g}s exceeded",
         )
-
-
-def _outcome(result: ResultFrame) -> Outcome:
-    if result.kind is Kind.OK:
-        return Outcome(OutcomeKind.OK, result.payload)
-    if result.kind is Kind.REJECTED:
-        return Outcome(
-            OutcomeKind.REJECTED,
-            error_type=result.error_type,
-            error_message=result.error_message,
-            retryable=False,
-            reason=Reason(result.error_type),
-        )
-    return Outcome(
-        OutcomeKind.ERROR,
-        error_type=result.error_type,
-        error_message=result.error_message,
-        retryable=result.retryable,
-    )
 
 
 def _describe_exit(code: int) -> str:

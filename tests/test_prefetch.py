@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.window import MAX_PREFETCH, PrefetchWindow, worth_changing
+from service.prefetch import MAX_PREFETCH, PrefetchWindow, worth_changing
 
 
 def window(seconds: float = 0.1) -> PrefetchWindow:

@@ -12,21 +12,14 @@ trail the AMQP ones by that much.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractConnection
 
 from service import topology
-from service.broker import CONNECTION_ERRORS
-from service.errors import HutchError, QueueNotFound
-from service.management import ManagementAPI, ManagementUnavailable, rate
-
-
-class ManagementRequired(HutchError):
-    """Listing queues needs the management API, and it did not answer."""
+from service.errors import ManagementRequired, ManagementUnavailable, QueueNotFound
+from service.ops.management import ManagementAPI, rate
 
 
 @dataclass(frozen=True)
@@ -72,20 +65,6 @@ class Inspection:
     management_error: str | None = None  # why unacked counts and rates are missing
 
 
-async def _counts(connection: AbstractConnection, queue: str) -> tuple[int, int]:
-    """Ready messages and consumers of ``queue``, from a passive declare."""
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        raise QueueNotFound(queue) from None
-    finally:
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await channel.close()
-    result = declared.declaration_result
-    return int(result.message_count or 0), int(result.consumer_count or 0)
-
-
 async def inspect(
     connection: AbstractConnection, api: ManagementAPI, vhost: str, queue: str | None = None
 ) -> Inspection:
@@ -117,28 +96,28 @@ async def inspect(
     stats: list[QueueStats] = []
     for name in names:
         try:
-            ready, consumers = await _counts(connection, name)
-            dead_letters, _ = await _counts(connection, topology.dlq_name(name))
+            work = await topology.queue_counts(connection, name)
+            dead = await topology.queue_counts(connection, topology.dlq_name(name))
         except QueueNotFound:
             if queue is None:
                 continue  # deleted since the management API listed it
             raise
-        work, dlq = listed.get(name), listed.get(topology.dlq_name(name))
-        unacked = work.get("messages_unacknowledged") if work is not None else None
+        api_work, api_dlq = listed.get(name), listed.get(topology.dlq_name(name))
+        unacked = api_work.get("messages_unacknowledged") if api_work is not None else None
         stats.append(
             QueueStats(
                 queue=name,
-                ready=ready,
-                consumers=consumers,
-                dead_letters=dead_letters,
+                ready=work.ready,
+                consumers=work.consumers,
+                dead_letters=dead.ready,
                 unacked=unacked if isinstance(unacked, int) else None,
                 rates=None
-                if work is None
+                if api_work is None
                 else Rates(
-                    publish=rate(work, "publish"),
-                    deliver=rate(work, "deliver_get"),
-                    ack=rate(work, "ack"),
-                    dead_letter=rate(dlq, "publish") if dlq is not None else 0.0,
+                    publish=rate(api_work, "publish"),
+                    deliver=rate(api_work, "deliver_get"),
+                    ack=rate(api_work, "ack"),
+                    dead_letter=rate(api_dlq, "publish") if api_dlq is not None else 0.0,
                 ),
             )
         )

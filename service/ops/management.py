@@ -18,20 +18,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from service.errors import HutchError
+from service.errors import ManagementUnavailable
 
 DEFAULT_PORT: Final = 15672
 URL_VARIABLE: Final = "HUTCH_MANAGEMENT_URL"
-
-
-class ManagementUnavailable(HutchError):
-    """The management API could not answer; the message says why and what to do."""
-
-
-def vhost_of(broker_url: str) -> str:
-    """The virtual host an AMQP URL names: its path without the leading slash, or ``/``."""
-    path = urlsplit(broker_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 class ManagementAPI:

@@ -20,14 +20,6 @@ _REQUEST_TIMEOUT = 5.0
 _MAX_HEADER_BYTES = 16 * 1024
 
 
-def parse_addr(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9808)")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class HealthServer:
     """Serves the registry and two probes; ``live``/``ready`` return (ok, reason)."""
 

@@ -1,6 +1,6 @@
 """A pool child: read a job, decode its body, run the task, send back bytes. One at a time.
 
-Run by the pool as ``python -m service.child``. The pipe to the parent is stdin/stdout, moved
+Run by the pool as ``python -m service.pool.child``. The pipe to the parent is stdin/stdout, moved
 to private descriptors first so a task's ``print`` goes to stderr instead of corrupting frames.
 Everything the task produces is turned into bytes or plain strings here, in the child: no
 result or exception object ever crosses the pipe.
@@ -18,13 +18,14 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 from service import protocol
 from service.context import TaskContext, _set_current
-from service.errors import SoftTimeLimitExceeded
-from service.pipe import HEADER, READY, JobFrame, Kind, ResultFrame, frame
-from service.protocol import ProtocolError, Reason
+from service.errors import EncodeError, ProtocolError, SoftTimeLimitExceeded
+from service.pool.jobs import Outcome, OutcomeKind
+from service.pool.pipe import HEADER, READY, JobFrame, ResultFrame, frame
+from service.protocol import Reason
 from service.registry import TaskSpec, import_task_modules, lookup
 
 _PR_SET_PDEATHSIG = 1
@@ -80,50 +81,43 @@ class Runner:
         self.max_depth = max_depth
         self.max_result_size = max_result_size
 
-    def run(self, job: JobFrame) -> ResultFrame:
+    def run(self, job: JobFrame) -> Outcome:
         spec = lookup(job.task)
         if spec is None:  # the parent checks first; this guards a mismatched child
-            return ResultFrame(job.job_id, Kind.REJECTED, None, Reason.UNKNOWN_TASK, job.task)
+            return _rejected(Reason.UNKNOWN_TASK, job.task)
         try:
             args, kwargs = protocol.decode_request(
                 job.content_type, job.body, max_depth=self.max_depth
             )
             _bind(spec, args, kwargs)
         except ProtocolError as exc:
-            return ResultFrame(job.job_id, Kind.REJECTED, None, exc.reason, exc.detail)
+            return _rejected(exc.reason, exc.detail)
         _set_current(
             TaskContext(job.message_id, job.task, job.attempt, job.deliveries, job.redelivered)
         )
         try:
-            value = self._call(spec, args, kwargs, job.soft_time_limit)
+            value = self._call(spec, args, kwargs)
         except BaseException as exc:  # even SystemExit: every failure becomes a plain record
             error_type, message = _describe(exc)
-            return ResultFrame(job.job_id, Kind.ERROR, None, error_type, message, True)
+            return Outcome(OutcomeKind.ERROR, error_type=error_type, error_message=message)
         finally:
             _set_current(None)
         if not job.want_result:
-            return ResultFrame(job.job_id, Kind.OK)
+            return _OK
         try:
             payload = protocol.ok_result(job.content_type, value)
-        except protocol.EncodeError as exc:
-            return ResultFrame(
-                job.job_id, Kind.ERROR, None, "UnserializableResult", str(exc), False
-            )
+        except EncodeError as exc:
+            return _failed("UnserializableResult", str(exc))
         if len(payload) > self.max_result_size:
-            return ResultFrame(
-                job.job_id,
-                Kind.ERROR,
-                None,
+            return _failed(
                 "ResultTooLarge",
                 f"result is {len(payload)} bytes, over the {self.max_result_size}-byte cap",
-                False,
             )
-        return ResultFrame(job.job_id, Kind.OK, payload)
+        return Outcome(OutcomeKind.OK, payload)
 
     @staticmethod
-    def _call(
-        spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], soft_limit: float | None
-    ) -> Any:
+    def _call(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        soft_limit = spec.soft_time_limit
         if soft_limit is None:
             return spec.fn(*args, **kwargs)
         signal.setitimer(signal.ITIMER_REAL, soft_limit)
@@ -131,6 +125,25 @@ class Runner:
             return spec.fn(*args, **kwargs)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_OK: Final = Outcome(OutcomeKind.OK)
+
+
+def _rejected(reason: Reason, detail: str) -> Outcome:
+    """Bad input: never run, never retried, dead-lettered with ``reason``."""
+    return Outcome(
+        OutcomeKind.REJECTED,
+        error_type=str(reason),
+        error_message=detail,
+        retryable=False,
+        reason=reason,
+    )
+
+
+def _failed(error_type: str, message: str) -> Outcome:
+    """A run that no retry can fix (its result cannot be sent)."""
+    return Outcome(OutcomeKind.ERROR, error_type=error_type, error_message=message, retryable=False)
 
 
 @functools.cache
@@ -171,24 +184,16 @@ def serve(reader: BinaryIO, writer: BinaryIO, runner: Runner) -> None:
         body = _read_exact(reader, HEADER.unpack(header)[0])
         if body is None:
             return
-        result = runner.run(JobFrame.unpack(body))
+        job = JobFrame.unpack(body)
+        outcome = runner.run(job)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        result = ResultFrame(
-            result.job_id,
-            result.kind,
-            result.payload,
-            result.error_type,
-            result.error_message,
-            result.retryable,
-            usage.ru_utime + usage.ru_stime,
-            _rss_bytes(),
-        )
+        result = ResultFrame(job.job_id, outcome, usage.ru_utime + usage.ru_stime, _rss_bytes())
         writer.write(result.pack())
         writer.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="service.child")
+    parser = argparse.ArgumentParser(prog="service.pool.child")
     parser.add_argument("--tasks", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--max-depth", type=int, default=protocol.DEFAULT_MAX_DEPTH)

@@ -1,0 +1,72 @@
+"""What the stages report as a delivery passes through them, and who listens.
+
+The stages call these hooks and never a metric directly: admission reports each delivery it
+received, settling how each run ended and what was done with the message, the pool each child
+it replaced. `service.metrics.Metrics` turns them into Prometheus series and
+`service.prefetch.PrefetchControl` sizes the prefetch window from them; tracing or extra logging
+would plug in here. Hooks run on the event loop, on the per-message path: they must not block
+or raise.
+
+The enumerations are passed as themselves; what a label is called is the listener's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.pool.jobs import RestartReason
+    from service.protocol import Reason
+    from service.settle import Action, TaskOutcome
+
+
+class Observer:
+    """Every hook, doing nothing: listeners override what they need."""
+
+    def on_received(
+        self, task: str | None, *, redelivered: bool, runnable_since: float | None
+    ) -> None:
+        """A delivery arrived: ``task`` is its registered task (None if it names none), and
+        ``runnable_since`` the Unix time it became runnable, if known."""
+
+    def on_finished(
+        self, task: str | None, outcome: TaskOutcome, seconds: float, cpu_seconds: float
+    ) -> None:
+        """A run ended (or a delivery was refused before running: REJECTED, 0 seconds)."""
+
+    def on_settled(self, action: Action, reason: Reason | None) -> None:
+        """What was done with a delivery; ``reason`` when it was dead-lettered."""
+
+    def on_restart(self, reason: RestartReason) -> None:
+        """A pool child was replaced."""
+
+
+class Observers(Observer):
+    """Several observers behind one, called in the order they were added."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self._observers = list(observers)
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def on_received(
+        self, task: str | None, *, redelivered: bool, runnable_since: float | None
+    ) -> None:
+        for observer in self._observers:
+            observer.on_received(task, redelivered=redelivered, runnable_since=runnable_since)
+
+    def on_finished(
+        self, task: str | None, outcome: TaskOutcome, seconds: float, cpu_seconds: float
+    ) -> None:
+        for observer in self._observers:
+            observer.on_finished(task, outcome, seconds, cpu_seconds)
+
+    def on_settled(self, action: Action, reason: Reason | None) -> None:
+        for observer in self._observers:
+            observer.on_settled(action, reason)
+
+    def on_restart(self, reason: RestartReason) -> None:
+        for observer in self._observers:
+            observer.on_restart(reason)

@@ -1,0 +1,82 @@
+"""The records that travel through the pool: a `Job` in, an `Outcome` out.
+
+Both are plain data, shared by the stages around the pool (admission builds jobs, settling reads
+outcomes) and by the child (which produces outcomes), so this module imports nothing that talks
+to the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from service.protocol import Reason
+from service.registry import TaskSpec
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+
+
+class OutcomeKind(StrEnum):
+    """How a job ended; the first three are reported by the child, the rest by the pool."""
+
+    OK = "ok"
+    ERROR = "error"  # the task raised (or its result could not be sent)
+    REJECTED = "rejected"  # bad input found in the child: `Outcome.reason` says which
+    CRASHED = "crashed"  # the child died while running this job
+    TIMEOUT = "timeout"  # the hard time limit passed and the child was killed
+    RETURNED = "returned"  # never finished through no fault of its own (drain, lost channel)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one job.
+
+    ``payload`` is the encoded result envelope, when the job succeeded and a result is owed.
+    ``retryable`` is False for failures another attempt cannot fix (an unserializable result).
+    ``reason`` is the dead-letter reason when the one who found the problem knows it (bad
+    input, say); settling falls back to ``failed`` or ``timeout``.
+    """
+
+    kind: OutcomeKind
+    payload: bytes | None = None
+    error_type: str = ""
+    error_message: str = ""
+    retryable: bool = True
+    reason: Reason | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One delivery on its way through the pool.
+
+    The first fields come from the message and never change. ``delivery`` is the consumer's
+    handle, used only to settle it. The pool fills in the rest: ``id`` when a child is sent
+    the job, ``started`` when the child starts it (loop time; 0 until then), ``run_seconds``
+    and ``cpu_seconds`` once it ends.
+    """
+
+    spec: TaskSpec
+    content_type: str
+    body: bytes
+    message_id: str
+    attempt: int
+    deliveries: int
+    redelivered: bool
+    want_result: bool
+    delivery: AbstractIncomingMessage
+    id: int = 0
+    started: float = 0.0
+    run_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+class RestartReason(StrEnum):
+    """Why a pool child was replaced; also the ``reason`` label of hutch_child_restarts_total."""
+
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    ABORT = "abort"  # its job was abandoned (the delivery's connection was lost)
+    RECYCLE_TASKS = "recycle_tasks"
+    RECYCLE_MEMORY = "recycle_memory"

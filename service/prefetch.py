@@ -1,0 +1,240 @@
+"""How many deliveries a worker holds: its running tasks plus a buffer sized in time.
+
+A fixed prefetch is wrong one way or the other. A small one (concurrency + 2) starves short
+tasks: on a quorum queue each ack goes through Raft before the broker sends the next delivery,
+so a window of 4 caps a consumer near a thousand tasks/s whatever its speed. A large one makes
+a host hoard long tasks that other hosts could be running (Celery's prefetch multiplier). So
+the buffer holds about ``seconds`` of *measured* work per child: hundreds of deliveries for
+sub-millisecond tasks, the minimum for tasks that take seconds.
+
+The estimate rises at once and falls slowly: one slow task (or a running one that is already
+older than the estimate) shrinks the window immediately, while a run of fast ones grows it over
+a few dozen samples.
+
+Applying a new window is not free: RabbitMQ (3.10 at least) applies ``basic.qos`` only to
+consumers registered after it on a quorum queue, so a resize re-consumes, and a delivery in
+flight to the cancelled consumer at that moment comes back with ``x-delivery-count`` one higher
+(seen in tests). So the window grows only on a settled estimate and rarely, straight to its size
+rather than in steps; it shrinks at once. `WindowPolicy` holds those rules (pure logic, tested
+in tests/test_prefetch.py); `PrefetchControl` feeds it the finished runs and applies its advice
+to the consumer and the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from service.observer import Observer
+from service.settle import TaskOutcome
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+
+    from service.pool.jobs import Job
+
+log = logging.getLogger(__name__)
+
+MAX_PREFETCH = 1000  # RabbitMQ's own guidance: past a few hundred, prefetch buys nothing
+_FALL = 0.2  # weight of a sample below the estimate
+
+
+class PrefetchWindow:
+    """The prefetch count for ``concurrency`` children.
+
+    - ``minimum_buffer``: deliveries held beyond the pool size whatever the estimate (the
+      window before the first task finishes, and for long tasks).
+    - ``seconds``: measured work per child to hold beyond the running tasks (0: never grow).
+    - ``maximum``: the largest window, however short the tasks.
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        minimum_buffer: int,
+        seconds: float,
+        maximum: int = MAX_PREFETCH,
+    ) -> None:
+        self.concurrency = concurrency
+        self.minimum = concurrency + minimum_buffer
+        self.seconds = seconds
+        self.maximum = max(maximum, self.minimum)
+        self.estimate: float | None = None  # seconds per task, None until one has finished
+
+    def observe(self, run_seconds: float) -> bool:
+        """Take the run time of one finished task; True if the estimate at least doubled (the
+        window may have to halve now: smaller moves can wait for the next periodic look)."""
+        if self.estimate is None or run_seconds > self.estimate:
+            doubled = self.estimate is None or run_seconds >= 2 * self.estimate
+            self.estimate = run_seconds
+            return doubled
+        self.estimate += _FALL * (run_seconds - self.estimate)
+        return False
+
+    def size(self, longest_running: float = 0.0) -> int:
+        """The window now; ``longest_running`` is the age of the oldest task still running."""
+        if self.estimate is None or self.seconds <= 0:
+            return self.minimum
+        per_task = max(self.estimate, longest_running, 1e-6)
+        buffer = math.ceil(self.seconds * self.concurrency / per_task)
+        return max(self.minimum, min(self.maximum, self.concurrency + buffer))
+
+
+def worth_changing(current: int, wanted: int) -> bool:
+    """Re-consuming costs a round trip: do it for a change of half or double, not for noise."""
+    return wanted * 2 <= current or wanted >= current * 2
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """What to do with the window now: apply ``resize_to`` (None: leave it), and whether
+    deliveries taken under an earlier, wider window should go back to the queue."""
+
+    resize_to: int | None
+    hand_back: bool
+
+
+class WindowPolicy:
+    """When to resize the prefetch window, and when to hand deliveries back.
+
+    - ``grow_every``: seconds between two growths.
+    - ``grow_after``: tasks measured since the last resize before the window may grow.
+    - ``hand_back_after``: a task running this long makes surplus deliveries go back: a host
+      that prefetched hundreds of tasks while they were fast must not sit on them once they
+      turn slow.
+    """
+
+    def __init__(
+        self,
+        window: PrefetchWindow,
+        *,
+        grow_every: float = 2.0,
+        grow_after: int = 16,
+        hand_back_after: float = 1.0,
+    ) -> None:
+        self.window = window
+        self.grow_every = grow_every
+        self.grow_after = grow_after
+        self.hand_back_after = hand_back_after
+        self.finished = 0  # runs measured
+        self._resized_after = 0  # the value of `finished` at the last resize
+        self._grown_at = -grow_every
+
+    def observe(self, run_seconds: float) -> bool:
+        """Take one finished run; True if the window should be looked at now."""
+        self.finished += 1
+        return self.window.observe(run_seconds) or self.finished % self.grow_after == 0
+
+    def advise(self, *, now: float, longest_running: float, current: int) -> Advice:
+        """``current`` is the window asked for last; ``longest_running`` the age of the oldest
+        running task (0 when none is)."""
+        wanted = self.window.size(longest_running)
+        long_run = longest_running >= self.hand_back_after
+        resize_to: int | None = None
+        if wanted > current:
+            settled = self.finished - self._resized_after >= self.grow_after
+            if (
+                settled
+                and now - self._grown_at >= self.grow_every
+                and worth_changing(current, wanted)
+            ):
+                self._grown_at = now
+                self._resized_after = self.finished
+                resize_to = wanted
+        elif worth_changing(current, wanted) or (wanted < current and long_run):
+            # Before handing back, the window must be the one for this long a run: a half-way
+            # one would take back some of what is returned.
+            self._resized_after = self.finished
+            resize_to = wanted
+        return Advice(resize_to, hand_back=long_run)
+
+
+class WindowedConsumer(Protocol):
+    """What `PrefetchControl` needs of the consumer (`service.consumer.Consumer`)."""
+
+    @property
+    def prefetch(self) -> int: ...
+    @property
+    def tag(self) -> str | None: ...
+    @property
+    def window_applied(self) -> bool: ...
+    def resize(self, prefetch: int) -> None: ...
+
+
+class JobHolder(Protocol):
+    """What `PrefetchControl` needs of the pool (`service.pool.supervisor.Pool`)."""
+
+    def longest_running(self) -> float: ...
+    def take_pending(self, where: Callable[[Job], bool] | None = None) -> list[Job]: ...
+
+
+class PrefetchControl(Observer):
+    """Applies `WindowPolicy` to the consumer, fed by every finished run.
+
+    Deliveries handed back go through ``give_back`` (the settler's uncounted requeue).
+    """
+
+    def __init__(
+        self,
+        policy: WindowPolicy,
+        consumer: WindowedConsumer,
+        pool: JobHolder,
+        give_back: Callable[[AbstractIncomingMessage], None],
+    ) -> None:
+        self.policy = policy
+        self._consumer = consumer
+        self._pool = pool
+        self._give_back = give_back
+        self._stopped = False
+
+    def on_finished(
+        self, task: str | None, outcome: TaskOutcome, seconds: float, cpu_seconds: float
+    ) -> None:
+        if outcome is not TaskOutcome.REJECTED and self.policy.observe(seconds):
+            self.fit()
+
+    def stop(self) -> None:
+        """Leave the window alone from now on (the worker is draining)."""
+        self._stopped = True
+
+    async def watch(self, interval: float = 0.5) -> None:
+        """A task that runs far longer than the estimate says so before it finishes."""
+        while True:
+            await asyncio.sleep(interval)
+            self.fit()
+
+    def fit(self) -> None:
+        """Resize the window to the work measured; hand back what a shrunk one does not cover."""
+        if self._stopped:
+            return
+        consumer = self._consumer
+        longest = self._pool.longest_running()
+        advice = self.policy.advise(
+            now=asyncio.get_running_loop().time(),
+            longest_running=longest,
+            current=consumer.prefetch,
+        )
+        if advice.resize_to is not None:
+            consumer.resize(advice.resize_to)
+        if not (advice.hand_back and consumer.window_applied):
+            return
+        # Deliveries made to an earlier consumer were taken under a wider window; the current
+        # consumer's own are bounded by the one it has. Handing back only the former cannot
+        # loop: the current consumer is not given more than its window.
+        tag = consumer.tag
+        surplus = self._pool.take_pending(lambda job: job.delivery.consumer_tag != tag)
+        if surplus:
+            log.info(
+                "a task has run %.1fs: prefetch window now %d; returning %d waiting "
+                "deliveries to the queue",
+                longest,
+                consumer.prefetch,
+                len(surplus),
+            )
+        for job in surplus:
+            self._give_back(job.delivery)
