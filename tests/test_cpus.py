@@ -190,3 +190,217 @@ def test_no_affinity_support_uses_cpu_count(
     monkeypatch.setattr(cpus.os, "cpu_count", lambda: None)
     nothing = tmp_path / "nothing"
     assert usable_cpus(proc_self=nothing, fs_root=nothing) == 1
+
+
+# -- nested cgroups: the tightest level from the process's cgroup up to the mount point wins -----
+
+# Levels of /system.slice/hutch.service below the mount, and what 8 CPUs become. Each case has a
+# quota that a leaf-only or a root-only reading would miss.
+NESTED = [
+    pytest.param({"system.slice": 2.0}, 2, id="parent-tighter-than-unlimited-leaf"),
+    pytest.param({"system.slice": 2.0, "system.slice/hutch.service": 6.0}, 2, id="parent-tighter"),
+    pytest.param({"system.slice": 6.0, "system.slice/hutch.service": 1.5}, 2, id="leaf-tighter"),
+    pytest.param({"": 7.0, "system.slice": 3.0, "system.slice/hutch.service": 5.0}, 3, id="middle"),
+    pytest.param({"": 1.0}, 1, id="mount-root-counts-too"),
+    pytest.param({}, 8, id="no-quota-anywhere"),
+]
+LEAF = "system.slice/hutch.service"
+
+
+@pytest.mark.parametrize(("quotas", "expected"), NESTED)
+def test_nested_v2(host: Host, eight_cpus: int, quotas: dict[str, float], expected: int) -> None:
+    mount = host.v2("/" + LEAF)
+    for level in ("", "system.slice", LEAF):  # every level exists; unlimited unless listed
+        quota = quotas.get(level)
+        write_v2(mount / level, "max 100000" if quota is None else f"{int(quota * 1e5)} 100000")
+    assert host.usable_cpus() == expected
+
+
+@pytest.mark.parametrize(("quotas", "expected"), NESTED)
+def test_nested_v1(host: Host, eight_cpus: int, quotas: dict[str, float], expected: int) -> None:
+    mount = host.v1("/" + LEAF, controllers="cpu,cpuacct", point="/sys/fs/cgroup/cpu,cpuacct")
+    for level in ("", "system.slice", LEAF):
+        quota = quotas.get(level)
+        write_v1(mount / level, "-1" if quota is None else str(int(quota * 1e5)))
+    assert host.usable_cpus() == expected
+
+
+def test_levels_without_files_are_skipped(host: Host, eight_cpus: int) -> None:
+    # v2 cgroups without the cpu controller enabled have no cpu.max; an ancestor's still binds.
+    mount = host.v2("/a/b/c")
+    (mount / "a/b/c").mkdir(parents=True)
+    write_v2(mount / "a", "300000 100000")
+    assert host.usable_cpus() == 3
+
+
+def test_siblings_and_children_do_not_count(host: Host, eight_cpus: int) -> None:
+    mount = host.v1("/app")
+    write_v1(mount / "app", "-1")
+    write_v1(mount / "other", "100000")  # a sibling's quota is not ours
+    write_v1(mount / "app" / "child", "100000")  # nor a child's
+    assert host.usable_cpus() == 8
+    write_v1(mount, "400000")
+    assert host.usable_cpus() == 4
+
+
+# -- where the hierarchy is mounted ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_container_mount_shows_the_cgroup_itself(host: Host, eight_cpus: int, version: str) -> None:
+    # A container without a cgroup namespace: /proc/self/cgroup names the host's path, and the
+    # mount's root is that very cgroup, so the quota sits in the mount point's own directory.
+    cgroup = "/kubepods/burstable/pod-1/ctr-1"
+    if version == "v2":
+        write_v2(host.v2(cgroup, root=cgroup), "200000 100000")
+    else:
+        write_v1(host.v1(cgroup, root=cgroup), "200000")
+    assert host.usable_cpus() == 2
+
+
+def test_container_mount_with_a_nested_cgroup(host: Host, eight_cpus: int) -> None:
+    # A supervisor inside that container made a cgroup of its own: walk up to the mount point,
+    # and not further (the host's ancestors are not mounted).
+    mount = host.v2("/docker/ctr-1/worker", root="/docker/ctr-1")
+    write_v2(mount / "worker", "max 100000")
+    write_v2(mount, "150000 100000")
+    assert host.usable_cpus() == 2
+    # The host's path joined under the mount point names nothing real: a naive join would read it.
+    write_v2(mount / "docker" / "ctr-1" / "worker", "100000 100000")
+    assert host.usable_cpus() == 2
+
+
+def test_mount_of_another_part_of_the_hierarchy_is_skipped(host: Host, eight_cpus: int) -> None:
+    # The first cgroup2 mount shows /elsewhere only (a bind mount); the second shows everything.
+    host.v2("/app/worker")
+    elsewhere = host.mount_dir("/mnt/elsewhere")
+    host.mountinfo.append("90 25 0:40 /elsewhere /mnt/elsewhere rw shared:90 - cgroup2 cgroup2 rw")
+    host.mountinfo.insert(0, host.mountinfo.pop())
+    write_v2(elsewhere, "100000 100000")  # not on our path
+    full = host.fs_root / "sys/fs/cgroup"
+    write_v2(full / "app", "300000 100000")
+    assert host.usable_cpus() == 3
+
+
+def test_cgroup_outside_the_namespace_is_not_guessed(host: Host, eight_cpus: int) -> None:
+    # In a cgroup namespace, a cgroup outside it reads as "/../../x": nothing we can see.
+    mount = host.v2("/../../x")
+    write_v2(mount, "100000 100000")
+    write_v2(host.fs_root / "sys" / "x", "100000 100000")  # what the ".." would reach
+    assert host.usable_cpus() == 8
+
+
+def test_hybrid_host_uses_v1_when_cgroup2_has_no_cpu_controller(
+    host: Host, eight_cpus: int
+) -> None:
+    # As on this machine: cgroup2 at /sys/fs/cgroup/unified without cpu files, cpu bound to v1.
+    unified = host.v2("/user.slice/session-1.scope", point="/sys/fs/cgroup/unified")
+    (unified / "user.slice/session-1.scope").mkdir(parents=True)
+    (unified / "user.slice/session-1.scope/cpu.pressure").write_text("some avg10=0.00\n")
+    mount = host.v1("/user.slice/session-1.scope")
+    write_v1(mount / "user.slice/session-1.scope", "-1")
+    write_v1(mount / "user.slice", "250000")
+    assert host.usable_cpus() == 3
+
+
+def test_v1_needs_the_cpu_controller_itself(host: Host, eight_cpus: int) -> None:
+    # cpuacct and cpuset are other controllers, though their names begin with "cpu": neither
+    # their /proc/self/cgroup lines nor their mounts (listed first here) may be read for cpu.
+    for controllers in ("cpuacct", "cpuset"):
+        write_v1(host.v1("/", controllers=controllers, point=f"/sys/fs/cgroup/{controllers}"), "1")
+    assert host.usable_cpus() == 8
+    mount = host.v1("/")
+    write_v1(mount, "-1")
+    assert host.usable_cpus() == 8
+    write_v1(mount, "100000")
+    assert host.usable_cpus() == 1
+
+
+def test_escaped_mount_point(host: Host, eight_cpus: int) -> None:
+    # mountinfo writes a space in a path as \040.
+    host.v1(point="/cg\\040root/cpu")
+    write_v1(host.fs_root / "cg root" / "cpu", "200000")
+    assert host.usable_cpus() == 2
+
+
+# -- files that cannot be read or parsed: that level, or that file, is ignored, never raised ------
+
+
+@pytest.mark.parametrize(
+    "cpu_max",
+    ["garbage", "", "100000", "abc 100000", "0 100000", "-5 100000", "100000 0", "1e5 1e5"],
+)
+def test_unparsable_v2_level_is_ignored(host: Host, eight_cpus: int, cpu_max: str) -> None:
+    mount = host.v2("/app")
+    write_v2(mount / "app", cpu_max)
+    assert host.usable_cpus() == 8
+    write_v2(mount, "200000 100000")  # a readable level elsewhere on the path still counts
+    assert host.usable_cpus() == 2
+
+
+@pytest.mark.parametrize(
+    ("quota", "period"), [("lots", "100000"), ("", "100000"), ("100000", "x"), ("100000", "-1")]
+)
+def test_unparsable_v1_level_is_ignored(
+    host: Host, eight_cpus: int, quota: str, period: str
+) -> None:
+    mount = host.v1("/app")
+    write_v1(mount / "app", quota, period)
+    assert host.usable_cpus() == 8
+    write_v1(mount, "200000")
+    assert host.usable_cpus() == 2
+
+
+def test_missing_v1_period_file_ignores_that_level(host: Host, eight_cpus: int) -> None:
+    mount = host.v1("/app")
+    write_v1(mount / "app", "100000")
+    (mount / "app" / "cpu.cfs_period_us").unlink()
+    write_v1(mount, "300000")
+    assert host.usable_cpus() == 3
+
+
+def test_absurd_quota_is_no_limit(host: Host, eight_cpus: int) -> None:
+    mount = host.v2("/app")
+    write_v2(mount / "app", "1" + "0" * 400 + " 1")  # too large for a float
+    assert host.usable_cpus() == 8
+    write_v2(mount, "100000 100000")
+    assert host.usable_cpus() == 1
+
+
+def test_malformed_proc_lines_are_skipped(host: Host, eight_cpus: int) -> None:
+    write_v1(host.v1("/app") / "app", "200000")
+    host.cgroup[:0] = ["", "nonsense", "7:"]
+    host.mountinfo[:0] = ["", "1 2 3", "36 25 0:30 / /x rw - cgroup"]
+    assert host.usable_cpus() == 2
+
+
+def test_quota_file_that_is_a_directory(host: Host, eight_cpus: int) -> None:
+    mount = host.v2("/app")
+    (mount / "app" / "cpu.max").mkdir(parents=True)
+    write_v2(mount, "200000 100000")
+    assert host.usable_cpus() == 2
+
+
+@pytest.mark.parametrize("name", ["cgroup", "mountinfo"])
+def test_missing_or_binary_proc_file(host: Host, eight_cpus: int, name: str) -> None:
+    write_v2(host.v2(), "100000 100000")
+    assert host.usable_cpus() == 1
+    host.proc_self.mkdir(parents=True, exist_ok=True)
+    (host.proc_self / name).unlink()
+    assert usable_cpus(proc_self=host.proc_self, fs_root=host.fs_root) == 8
+    (host.proc_self / name).write_bytes(b"\xff\xfe\x00garbage")
+    assert usable_cpus(proc_self=host.proc_self, fs_root=host.fs_root) == 8
+
+
+def test_default_arguments_read_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # settings.py calls usable_cpus() bare: it must look at /proc/self and the real mounts.
+    seen: list[Path] = []
+    real = cpus._quota
+
+    def spy(proc_self: Path, fs_root: Path) -> float | None:
+        seen.extend((proc_self, fs_root))
+        return real(proc_self, fs_root)
+
+    monkeypatch.setattr(cpus, "_quota", spy)
+    assert 1 <= usable_cpus() <= affinity()
+    assert seen == [Path("/proc/self"), Path("/")]
