@@ -2,12 +2,18 @@
 
 Fake hosts in tmp_path give usable_cpus its own /proc/self/cgroup, /proc/self/mountinfo and
 cgroup files, so every layout (v1, v2, hybrid, nested cgroups, a container's mount) is tested on
-any machine.
+any machine. The last tests put a real child process in a real nested cgroup (as root only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +29,7 @@ def affinity() -> int:
 @pytest.fixture
 def eight_cpus(monkeypatch: pytest.MonkeyPatch) -> int:
     """Pretend this process may run on 8 CPUs, so a quota below that is visible."""
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("service.cpus.os.sched_getaffinity", lambda pid: set(range(8)))
     return 8
 
 
@@ -181,13 +187,13 @@ def test_no_affinity_support_uses_cpu_count(
     def unsupported(pid: int) -> set[int]:
         raise OSError("not here")
 
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", unsupported)
-    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr("service.cpus.os.sched_getaffinity", unsupported)
+    monkeypatch.setattr("service.cpus.os.cpu_count", lambda: 6)
     mount = host.v2()
     assert host.usable_cpus() == 6
     write_v2(mount, "200000 100000")
     assert host.usable_cpus() == 2
-    monkeypatch.setattr(cpus.os, "cpu_count", lambda: None)
+    monkeypatch.setattr("service.cpus.os.cpu_count", lambda: None)
     nothing = tmp_path / "nothing"
     assert usable_cpus(proc_self=nothing, fs_root=nothing) == 1
 
@@ -404,3 +410,139 @@ def test_default_arguments_read_this_process(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cpus, "_quota", spy)
     assert 1 <= usable_cpus() <= affinity()
     assert seen == [Path("/proc/self"), Path("/")]
+
+
+# -- real cgroups: a child process in a nested cgroup whose parent alone has a quota -------------
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD = """\
+import sys
+sys.stdin.readline()  # wait until the test has moved this process into its cgroup
+import service.cpus
+print(service.cpus.__file__)
+print(service.cpus.usable_cpus())
+"""
+
+
+def cgroup_mounts(fstype: str) -> list[tuple[Path, str, set[str]]]:
+    """(mount point, mount options, super options) of this host's mounts of ``fstype``."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        dash = fields.index("-")
+        if fields[dash + 1] == fstype and fields[3] == "/":
+            options = set(fields[dash + 3].split(","))
+            mounts.append((Path(fields[4]), fields[5], options))
+    return mounts
+
+
+def require_real_cgroups() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("real cgroup tests need root to create cgroups and move a process")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a 1-CPU quota is only visible with at least 2 CPUs in the affinity mask")
+
+
+@contextlib.contextmanager
+def nested_cgroup(mount: Path) -> Iterator[tuple[Path, Path]]:
+    """A fresh <mount>/hutch-test-<uuid>/inner, removed afterwards (inner first)."""
+    outer = mount / f"hutch-test-{uuid.uuid4().hex}"
+    try:
+        outer.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot create a cgroup under {mount}: {error}")
+    inner = outer / "inner"
+    try:
+        inner.mkdir()
+        yield outer, inner
+    finally:
+        for directory in (inner, outer):
+            remove_cgroup(directory)
+
+
+def remove_cgroup(directory: Path) -> None:
+    # The child is reaped before this runs, but the kernel may take a moment to empty the cgroup.
+    deadline = time.monotonic() + 5
+    while directory.exists():
+        try:
+            directory.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def usable_cpus_of_child_in(cgroup: Path) -> tuple[str, str, int]:
+    """Start a Python child, move it into ``cgroup``, return its /proc cgroup, module, answer."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        (cgroup / "cgroup.procs").write_text(f"{child.pid}\n")
+        membership = Path(f"/proc/{child.pid}/cgroup").read_text()
+        out, err = child.communicate("\n", timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()  # only our own child, by its pid
+        child.wait()
+    assert child.returncode == 0, err
+    module, answer = out.split()
+    return membership, module, int(answer)
+
+
+def test_real_v1_quota_on_the_parent_cgroup() -> None:
+    # On a hybrid host the child is also in a cgroup2 hierarchy (without cpu): v1 must still win.
+    require_real_cgroups()
+    mounts = [m for m in cgroup_mounts("cgroup") if "cpu" in m[2]]
+    if not mounts:
+        pytest.skip("no cgroup v1 hierarchy with the cpu controller is mounted")
+    mount, mount_options, _ = mounts[0]
+    if "rw" not in mount_options.split(","):
+        pytest.skip(f"the cgroup v1 cpu hierarchy at {mount} is mounted read-only")
+    with nested_cgroup(mount) as (outer, inner):
+        (outer / "cpu.cfs_period_us").write_text("100000\n")
+        (outer / "cpu.cfs_quota_us").write_text("100000\n")  # 1 CPU, on the outer cgroup only
+        # The leaf says "no quota": reading only the process's own cgroup would see 2 CPUs.
+        assert (inner / "cpu.cfs_quota_us").read_text().strip() == "-1"
+        membership, module, answer = usable_cpus_of_child_in(inner)
+    cpu_lines = [line.split(":", 2) for line in membership.splitlines()]
+    assert [path for _, controllers, path in cpu_lines if "cpu" in controllers.split(",")] == [
+        f"/{outer.name}/inner"
+    ]
+    assert Path(module) == REPO / "service" / "cpus.py"
+    assert answer == 1
+
+
+def delegates_cpu(mount: Path) -> bool:
+    try:
+        return "cpu" in (mount / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return False
+
+
+def test_real_v2_quota_on_the_parent_cgroup() -> None:
+    require_real_cgroups()
+    # A new child cgroup only has cpu.max if its parent already delegates cpu: we never enable
+    # controllers (nor remount anything) on the host. On a hybrid host like the development one
+    # cpu is bound to v1, so cgroup2 has no cpu controller and the fake-tree tests above cover v2.
+    mounts = [
+        mount
+        for mount, mount_options, _ in cgroup_mounts("cgroup2")
+        if "rw" in mount_options.split(",") and delegates_cpu(mount)
+    ]
+    if not mounts:
+        pytest.skip("no writable cgroup2 hierarchy delegates the cpu controller to new cgroups")
+    with nested_cgroup(mounts[0]) as (outer, inner):
+        (outer / "cpu.max").write_text("100000 100000\n")  # 1 CPU, on the outer cgroup only
+        # outer does not delegate cpu further, so the leaf has no cpu.max of its own at all.
+        assert not (inner / "cpu.max").exists()
+        membership, module, answer = usable_cpus_of_child_in(inner)
+    assert f"0::/{outer.name}/inner" in membership.splitlines()
+    assert Path(module) == REPO / "service" / "cpus.py"
+    assert answer == 1
