@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from service import cpus
 from service.cpus import usable_cpus
 from service.errors import ConfigError
 from service.settings import (
@@ -240,113 +239,6 @@ def test_bad_value_messages_say_why() -> None:
         load({}, {"HUTCH_MAX_BODY_SIZE": "lots"})
     with pytest.raises(ConfigError, match=r"not one of DEBUG, INFO, WARNING, ERROR"):
         load({"log_level": "loud"}, {})
-
-
-# -- usable_cpus ---------------------------------------------------------------------------------
-
-
-def affinity() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-@pytest.fixture
-def eight_cpus(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Pretend this process may run on 8 CPUs, so a quota below that is visible."""
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(8)))
-    return 8
-
-
-def test_cgroup_v2_quota_real_affinity(tmp_path: Path) -> None:
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert usable_cpus(tmp_path) == min(affinity(), 2)
-
-
-def test_cgroup_v2_unlimited_real_affinity(tmp_path: Path) -> None:
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert usable_cpus(tmp_path) == affinity()
-
-
-@pytest.mark.parametrize(
-    ("cpu_max", "expected"),
-    [
-        ("150000 100000", 2),  # 1.5 CPUs rounds up
-        ("200000 100000", 2),
-        ("50000 100000", 1),
-        ("1000 100000", 1),  # never below 1
-        ("400000 50000", 8),  # 8 CPUs of quota
-        ("1600000 100000", 8),  # quota above the affinity mask: the mask wins
-        ("max 100000", 8),
-        ("max", 8),
-    ],
-)
-def test_cgroup_v2(tmp_path: Path, eight_cpus: int, cpu_max: str, expected: int) -> None:
-    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    assert usable_cpus(tmp_path) == expected
-
-
-def write_v1(base: Path, quota: str, period: str = "100000") -> None:
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "cpu.cfs_quota_us").write_text(quota + "\n")
-    (base / "cpu.cfs_period_us").write_text(period + "\n")
-
-
-@pytest.mark.parametrize(
-    ("quota", "period", "expected"),
-    [
-        ("300000", "100000", 3),
-        ("250000", "100000", 3),
-        ("50000", "100000", 1),
-        ("-1", "100000", 8),  # no quota
-        ("100000", "0", 8),  # nonsense period: ignored
-    ],
-)
-def test_cgroup_v1(tmp_path: Path, eight_cpus: int, quota: str, period: str, expected: int) -> None:
-    write_v1(tmp_path / "cpu", quota, period)
-    assert usable_cpus(tmp_path) == expected
-
-
-def test_cgroup_v1_real_affinity(tmp_path: Path) -> None:
-    write_v1(tmp_path / "cpu", "150000")
-    assert usable_cpus(tmp_path) == min(affinity(), 2)
-    write_v1(tmp_path / "cpu", "-1")
-    assert usable_cpus(tmp_path) == affinity()
-
-
-def test_cgroup_v1_combined_controller_directory(tmp_path: Path, eight_cpus: int) -> None:
-    write_v1(tmp_path / "cpu,cpuacct", "200000")
-    assert usable_cpus(tmp_path) == 2
-
-
-def test_cgroup_v2_wins_over_v1(tmp_path: Path, eight_cpus: int) -> None:
-    (tmp_path / "cpu.max").write_text("300000 100000\n")
-    write_v1(tmp_path / "cpu", "100000")
-    assert usable_cpus(tmp_path) == 3
-
-
-def test_unreadable_v2_falls_back_to_v1(tmp_path: Path, eight_cpus: int) -> None:
-    (tmp_path / "cpu.max").write_text("garbage\n")
-    write_v1(tmp_path / "cpu", "200000")
-    assert usable_cpus(tmp_path) == 2
-
-
-def test_no_cgroup_files(tmp_path: Path, eight_cpus: int) -> None:
-    assert usable_cpus(tmp_path) == 8
-    assert usable_cpus(tmp_path / "does-not-exist") == 8
-
-
-def test_no_affinity_support_uses_cpu_count(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def unsupported(pid: int) -> set[int]:
-        raise OSError("not here")
-
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", unsupported)
-    monkeypatch.setattr(cpus.os, "cpu_count", lambda: 6)
-    assert usable_cpus(tmp_path) == 6
-    (tmp_path / "cpu.max").write_text("200000 100000\n")
-    assert usable_cpus(tmp_path) == 2
-    monkeypatch.setattr(cpus.os, "cpu_count", lambda: None)
-    assert usable_cpus(tmp_path / "nothing") == 1
 
 
 # -- the command line ----------------------------------------------------------------------------
