@@ -163,17 +163,17 @@ class AckRouter:
         await self.ack_soon(message)
 
     async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
-        acks = self._tracker(message)
-        if acks is None:
-            await message.nack(requeue=requeue)
-            return
-        assert message.delivery_tag is not None
-        await acks.nack(message.delivery_tag, requeue=requeue)
+        await self._refuse(message, requeue=requeue, reject=False)
 
     async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        await self._refuse(message, requeue=requeue, reject=True)
+
+    async def _refuse(
+        self, message: AbstractIncomingMessage, *, requeue: bool, reject: bool
+    ) -> None:
         acks = self._tracker(message)
         if acks is None:
-            await message.reject(requeue=requeue)
+            await (message.reject if reject else message.nack)(requeue=requeue)
             return
         assert message.delivery_tag is not None
-        await acks.reject(message.delivery_tag, requeue=requeue)
+        await (acks.reject if reject else acks.nack)(message.delivery_tag, requeue=requeue)

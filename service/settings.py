@@ -8,6 +8,7 @@ broker URL is deliberately not a flag (``ps`` would show its password); it comes
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -35,44 +36,33 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
-def positive_int(text: str) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(text: str, convert: Callable[[str], N], accept: Callable[[N], bool], what: str) -> N:
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{text!r} must be a whole number of at least 1")
+        raise ValueError(f"{text!r} must be {what}") from None
+    if not accept(value):  # NaN fails every comparison, so it is refused too
+        raise ValueError(f"{text!r} must be {what}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a whole number of at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{text!r} must be a whole number, 0 or more")
-    return value
+    return _number(text, int, lambda v: v >= 0, "a whole number, 0 or more")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{text!r} must be a positive number of seconds")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "a positive number of seconds")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{text!r} must be 0 or a positive number of seconds")
-    return value
+    return _number(text, float, lambda v: 0 <= v < math.inf, "0 or a positive number of seconds")
 
 
 def flag_type(parse: Callable[[str], T]) -> Callable[[str], T]:

@@ -347,15 +347,8 @@ class Settler:
             mandatory=False,  # a caller that went away must not block the ack
         )
 
-    async def _publish(
-        self,
-        message: aio_pika.Message,
-        routing_key: str,
-        *,
-        exchange: str = "",
-        mandatory: bool = True,
-    ) -> None:
-        """Publish with a few quick retries before giving up on this delivery.
+    async def _publish(self, message: aio_pika.Message, routing_key: str, **options: Any) -> None:
+        """`Publisher.publish` with a few quick retries before giving up on this delivery.
 
         A refused publish (a full reply queue, a blocked connection) is usually brief. Retrying
         here keeps the finished task's output, where requeueing at once would re-run the task
@@ -363,9 +356,7 @@ class Settler:
         """
         for delay in (*_PUBLISH_RETRY_DELAYS, None):
             try:
-                await self.publisher.publish(
-                    message, routing_key, exchange=exchange, mandatory=mandatory
-                )
+                await self.publisher.publish(message, routing_key, **options)
                 return
             except PublishError as exc:
                 if delay is None:

@@ -142,3 +142,9 @@ def hold(n: int) -> int:
     """Keep ``n`` touched bytes alive in this child, so its resident memory grows."""
     _held.append(b"x" * n)
     return sum(len(b) for b in _held)
+
+
+@service.task
+def loaded_modules(prefixes: list[str]) -> list[str]:
+    """The modules this child has imported whose names start with one of ``prefixes``."""
+    return sorted(name for name in sys.modules if name.startswith(tuple(prefixes)))

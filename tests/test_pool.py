@@ -694,6 +694,24 @@ async def test_take_pending_and_abort_running() -> None:
         assert id(waiting) not in h.outcomes
 
 
+async def test_children_import_no_amqp_client_and_no_metrics() -> None:
+    """A child imports what it runs (``python -m service.pool.child`` is ``__main__`` there, and
+    the task module does ``import service``), never the AMQP client or prometheus-client the
+    parent uses. A module added to this list is a module every child pays for at start-up."""
+    heavy = ["aio_pika", "aiormq", "pamqp", "prometheus_client", "uvloop"]
+    async with running_pool(size=1) as h:
+        assert result_of(await h.run(job("loaded_modules", heavy))) == []
+        assert result_of(await h.run(job("loaded_modules", ["service."]))) == [
+            "service.context",
+            "service.errors",
+            "service.pool",
+            "service.pool.jobs",
+            "service.pool.pipe",
+            "service.protocol",
+            "service.registry",
+        ]
+
+
 async def test_close_stops_every_child() -> None:
     h = Harness(size=2)
     await h.pool.start()

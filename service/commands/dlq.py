@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aio_pika.abc import AbstractConnection
@@ -228,6 +228,18 @@ def _summary(scan: Scan, where: Filter, verb: str) -> str:
     return text + f" ({scan.total} in all)"
 
 
+def _reporter(options: argparse.Namespace, verb: str) -> Callable[[DeadLetter], None]:
+    """What to print as each dead letter is replayed or purged."""
+
+    def report(letter: DeadLetter) -> None:
+        if options.json:
+            _json_line({**letter.to_json(), verb: True})
+        else:
+            print(f"{verb} {letter.id}  {letter.task or '-'}  ({letter.reason})", flush=True)
+
+    return report
+
+
 # -- actions ---------------------------------------------------------------------------------
 
 
@@ -340,12 +352,6 @@ async def _dry_run(
 def _replay(options: argparse.Namespace) -> int:
     queue, where, url = checked_queue(options.queue), _filter(options), broker_url()
 
-    def replayed(letter: DeadLetter) -> None:
-        if options.json:
-            _json_line({**letter.to_json(), "replayed": True})
-        else:
-            print(f"replayed {letter.id}  {letter.task or '-'}  ({letter.reason})", flush=True)
-
     async def main() -> int:
         async with broker_connection(url, name="hutch dlq replay") as connection:
             try:
@@ -361,7 +367,7 @@ def _replay(options: argparse.Namespace) -> int:
                         where,
                         limit=options.limit,
                         rate=options.rate,
-                        on_replayed=replayed,
+                        on_replayed=_reporter(options, "replayed"),
                     )
                 finally:
                     await publisher.close()
@@ -391,12 +397,6 @@ def _purge(options: argparse.Namespace) -> int:
             "(--dry-run, or hutch dlq ls with the same filters, shows what it would delete)"
         )
 
-    def purged(letter: DeadLetter) -> None:
-        if options.json:
-            _json_line({**letter.to_json(), "purged": True})
-        else:
-            print(f"purged {letter.id}  {letter.task or '-'}  ({letter.reason})", flush=True)
-
     async def main() -> int:
         async with broker_connection(url, name="hutch dlq purge") as connection:
             try:
@@ -404,7 +404,11 @@ def _purge(options: argparse.Namespace) -> int:
                     await _dry_run(connection, queue, where, options, "purge")
                     return 0
                 report = await dlq.purge(
-                    connection, queue, where, limit=options.limit, on_purged=purged
+                    connection,
+                    queue,
+                    where,
+                    limit=options.limit,
+                    on_purged=_reporter(options, "purged"),
                 )
             except QueueNotFound as exc:
                 raise _not_found(exc, queue, url) from None

@@ -1,0 +1,51 @@
+"""The docs say what the code does: task option defaults, and the module map."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from service.registry import TaskSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_task_option_defaults_are_taskspecs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| option | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    documented: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        names, default = (c.strip() for c in line.strip("|").split("|")[:2])
+        for name in re.findall(r"`(\w+)`", names):
+            documented[name] = default
+    defaults = {f.name: f.default for f in dataclasses.fields(TaskSpec) if f.name not in ("fn",)}
+    assert documented.keys() == defaults.keys()
+    assert documented["max_attempts"] == str(defaults["max_attempts"])
+    assert documented["soft_time_limit"] == "none" and defaults["soft_time_limit"] is None
+    assert documented["time_limit"] == "worker's `--time-limit`" and defaults["time_limit"] is None
+    backoff = [float(v) for v in documented["retry_backoff"].split(",")]
+    assert backoff == [defaults["retry_backoff"], defaults["retry_backoff_max"]]
+
+
+def test_architecture_map_lists_every_module() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## The modules", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first, rest = line.split("|")[1], "|".join(line.split("|")[2:])
+        named |= set(re.findall(r"`([\w/.]+\.py)`", first))
+        directory = re.fullmatch(r" `(\w+)/` ", first)
+        if directory:
+            named |= {f"{directory.group(1)}/{n}" for n in re.findall(r"`(\w+\.py)`", rest)}
+    named = {n.removeprefix("service/") for n in named}
+    modules = {
+        str(p.relative_to(ROOT / "service"))
+        for p in (ROOT / "service").rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "service"
+    }
+    modules.discard("__init__.py")
+    named.discard("__init__.py")
+    assert named == modules
