@@ -28,7 +28,8 @@ import asyncio
 
 import aio_pika
 import aiormq.abc
-from aio_pika.abc import AbstractIncomingMessage
+
+from service.delivery import Delivery
 
 ACK_DELAY = 0.005  # seconds an ack may wait for others to share its frame
 
@@ -115,7 +116,7 @@ class ChannelAcks:
             await self.channel.basic_ack(tag, multiple=multiple, wait=i == len(frames))
 
 
-def is_stale(message: AbstractIncomingMessage) -> bool:
+def is_stale(message: Delivery) -> bool:
     """True once the channel that delivered ``message`` has closed."""
     try:
         message.channel  # noqa: B018 - raises once the delivering channel has closed
@@ -138,42 +139,37 @@ class AckRouter:
     def opened(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._current = ChannelAcks(channel)
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
+    def delivered(self, message: Delivery) -> None:
         acks = self._current
         if acks is not None and message.channel is acks.channel:
-            assert message.delivery_tag is not None
             acks.delivered(message.delivery_tag)
 
-    def _tracker(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+    def _tracker(self, message: Delivery) -> ChannelAcks | None:
         acks = self._current
         # message.channel raises once its channel has closed: the caller treats that as stale.
         if acks is not None and message.channel is acks.channel:
             return acks
         return None
 
-    def ack_soon(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
+    def ack_soon(self, message: Delivery) -> asyncio.Future[None]:
         """Queue the ack; the future is done once it is written, or failed if it cannot be."""
         acks = self._tracker(message)
         if acks is None:
             return asyncio.ensure_future(message.ack())
-        assert message.delivery_tag is not None
         return acks.ack_soon(message.delivery_tag)
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    async def ack(self, message: Delivery) -> None:
         await self.ack_soon(message)
 
-    async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+    async def nack(self, message: Delivery, *, requeue: bool) -> None:
         await self._refuse(message, requeue=requeue, reject=False)
 
-    async def reject(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+    async def reject(self, message: Delivery, *, requeue: bool) -> None:
         await self._refuse(message, requeue=requeue, reject=True)
 
-    async def _refuse(
-        self, message: AbstractIncomingMessage, *, requeue: bool, reject: bool
-    ) -> None:
+    async def _refuse(self, message: Delivery, *, requeue: bool, reject: bool) -> None:
         acks = self._tracker(message)
         if acks is None:
             await (message.reject if reject else message.nack)(requeue=requeue)
             return
-        assert message.delivery_tag is not None
         await (acks.reject if reject else acks.nack)(message.delivery_tag, requeue=requeue)

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from service import protocol
+from service.delivery import Delivery
 from service.observer import Observer
 from service.pool.jobs import Job
 from service.protocol import Reason
@@ -34,9 +33,7 @@ class Refusal:
     task: str | None = None
 
 
-def admit(
-    message: AbstractIncomingMessage, *, max_body_size: int, max_deliveries: int
-) -> Job | Refusal:
+def admit(message: Delivery, *, max_body_size: int, max_deliveries: int) -> Job | Refusal:
     """Build a job from a delivery, or say why it must not run."""
     name = message.headers.get(protocol.TASK_HEADER)
     if isinstance(name, bytes):
@@ -88,7 +85,7 @@ def admit(
     )
 
 
-def runnable_since(message: AbstractIncomingMessage) -> float | None:
+def runnable_since(message: Delivery) -> float | None:
     """Unix time the message became runnable: a retry's due time, else its publish time."""
     due = protocol.int_header(message.headers, protocol.DUE_HEADER)
     if due is not None:
@@ -126,7 +123,7 @@ class Intake:
         self._max_deliveries = max_deliveries
         self.open = True
 
-    def __call__(self, message: AbstractIncomingMessage) -> None:
+    def __call__(self, message: Delivery) -> None:
         if not self.open:
             self._settler.give_back(message)
             return

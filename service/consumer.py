@@ -8,7 +8,10 @@ delivery only through the channel that delivered it); a server-side cancel (the 
 deleted, say) means declaring the queue again and consuming again, so the worker never sits
 connected but silently consuming nothing.
 
-Each delivery goes to ``on_message`` (`service.admission.Intake`) as it arrives.
+Each delivery goes to ``on_message`` (`service.admission.Intake`) as it arrives, as a
+`service.delivery.Delivery`: the consumer is registered on aiormq's channel directly, so a
+delivery costs one small object and one task (aiormq's), not aio-pika's message and its second
+task.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+import aiormq.abc
 
 from service import topology
 from service.acks import AckRouter
 from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
+from service.delivery import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class Consumer:
         queue: str,
         *,
         prefetch: int,
-        on_message: Callable[[AbstractIncomingMessage], None],
+        on_message: Callable[[Delivery], None],
         acks: AckRouter | None = None,
         on_lost: Callable[[], None] = lambda: None,
         name: str = "hutch-worker",
@@ -62,7 +66,7 @@ class Consumer:
         self._wake = asyncio.Event()
         self._paused = False
         self._closed = False
-        self._queue: AbstractQueue | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
         self.acks = acks or AckRouter()
         self.consuming = False
@@ -124,7 +128,7 @@ class Consumer:
                 cancelled.set()
                 self._wake.set()
 
-            underlay = await channel.get_underlay_channel()
+            underlay = self._channel = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             self.acks.opened(underlay)
             if self._ever_connected:
@@ -133,8 +137,8 @@ class Consumer:
             while not lost.is_set() and not self._closed:
                 if not self._paused and not self.consuming:
                     cancelled.clear()
-                    self._queue = await topology.declare_queue(channel, self._queue_name)
-                    self._applied = await self._consume(channel)
+                    await topology.declare_queue(channel, self._queue_name)
+                    self._applied = await self._consume()
                     self.consuming = True
                     log.info(
                         "consuming from %r (prefetch %d) at %s",
@@ -145,7 +149,7 @@ class Consumer:
                 elif self._paused and self.consuming:
                     await self._cancel_consumer()
                 elif self.consuming and self.prefetch != self._applied:
-                    await self._reconsume(channel)
+                    await self._reconsume()
                 await self._wake.wait()
                 self._wake.clear()
                 if cancelled.is_set() and self.consuming:
@@ -162,14 +166,20 @@ class Consumer:
                 with contextlib.suppress(*CONNECTION_ERRORS):
                     await connection.close()
 
-    async def _consume(self, channel: AbstractChannel) -> int:
-        assert self._queue is not None
+    async def _consume(self) -> int:
+        assert self._channel is not None
         prefetch = self.prefetch
-        await channel.set_qos(prefetch_count=prefetch)
-        self._tag = await self._queue.consume(self._deliver, no_ack=False)
+        await self._channel.basic_qos(prefetch_count=prefetch)
+        ok = await self._channel.basic_consume(self._queue_name, self._deliver, no_ack=False)
+        self._tag = ok.consumer_tag
         return prefetch
 
-    async def _reconsume(self, channel: AbstractChannel) -> None:
+    async def _cancel(self, tag: str) -> None:
+        assert self._channel is not None
+        async with asyncio.timeout(5):
+            await self._channel.basic_cancel(tag)
+
+    async def _reconsume(self) -> None:
         """Apply a new window: a second consumer with it, then cancel the first.
 
         RabbitMQ (3.10 at least) applies ``basic.qos`` only to consumers registered after it on
@@ -179,10 +189,9 @@ class Consumer:
         which is why the worker resizes rarely.
         """
         old, before = self._tag, self._applied
-        prefetch = await self._consume(channel)
-        if self._queue is not None and old is not None:
-            async with asyncio.timeout(5):
-                await self._queue.cancel(old)
+        prefetch = await self._consume()
+        if old is not None:
+            await self._cancel(old)
         self._applied = prefetch
         log.debug("prefetch window %d -> %d on %r", before, prefetch, self._queue_name)
 
@@ -196,10 +205,12 @@ class Consumer:
         """True when the one consumer on the broker has the window asked for."""
         return self.consuming and self._applied == self.prefetch
 
-    def _deliver(self, message: AbstractIncomingMessage) -> Any:
-        # A plain function: aio-pika accepts one (typed as a coroutine function).
-        self.acks.delivered(message)
-        self._on_message(message)
+    async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
+        # A coroutine function, so that aiormq runs it as the one task it makes per delivery
+        # (it would wrap a plain function in another coroutine); it never waits.
+        delivery = Delivery(message)
+        self.acks.delivered(delivery)
+        self._on_message(delivery)
 
     def resize(self, prefetch: int) -> None:
         """Ask for a new window; applied by re-consuming, never by dropping deliveries."""
@@ -208,13 +219,12 @@ class Consumer:
             self._wake.set()
 
     async def _cancel_consumer(self) -> None:
-        queue, tag = self._queue, self._tag
+        tag = self._tag
         self.consuming = False
         self._applied = 0
-        if queue is not None and tag is not None:
+        if self._channel is not None and tag is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
-                async with asyncio.timeout(5):
-                    await queue.cancel(tag)
+                await self._cancel(tag)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -33,8 +33,7 @@ from service.observer import Observer
 from service.settle import TaskOutcome
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage
-
+    from service.delivery import Delivery
     from service.pool.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,7 @@ class PrefetchControl(Observer):
         policy: WindowPolicy,
         consumer: WindowedConsumer,
         pool: JobHolder,
-        give_back: Callable[[AbstractIncomingMessage], None],
+        give_back: Callable[[Delivery], None],
     ) -> None:
         self.policy = policy
         self._consumer = consumer

@@ -32,11 +32,11 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 
 from service import protocol, topology
 from service.acks import AckRouter, is_stale
 from service.broker import CONNECTION_ERRORS, Publisher
+from service.delivery import Delivery
 from service.errors import PublishError
 from service.logs import task_fields
 from service.observer import Observer
@@ -155,7 +155,7 @@ class Settler:
         else:
             self._track(self._settle(job, outcome, decision))
 
-    def refuse(self, message: AbstractIncomingMessage, refusal: Refusal) -> None:
+    def refuse(self, message: Delivery, refusal: Refusal) -> None:
         """Dead-letter a delivery that admission refused; it never ran."""
         log.warning(
             "dead-lettering message %s: %s (%s)", message.message_id, refusal.reason, refusal.detail
@@ -170,7 +170,7 @@ class Settler:
             )
         )
 
-    def give_back(self, message: AbstractIncomingMessage) -> None:
+    def give_back(self, message: Delivery) -> None:
         """Hand a delivery back to the queue, uncounted: it is not the message's fault."""
         self._track(self.requeue(message, counted=False))
 
@@ -219,7 +219,7 @@ class Settler:
         else:
             await self.requeue(message, counted=action is Action.REQUEUE)
 
-    def _ack_soon(self, message: AbstractIncomingMessage) -> None:
+    def _ack_soon(self, message: Delivery) -> None:
         try:
             if is_stale(message):
                 raise aio_pika.exceptions.ChannelInvalidStateError("channel closed")
@@ -248,7 +248,7 @@ class Settler:
         if not task.cancelled() and task.exception() is not None:
             log.error("settling failed", exc_info=task.exception())
 
-    async def succeed(self, message: AbstractIncomingMessage, payload: bytes | None) -> None:
+    async def succeed(self, message: Delivery, payload: bytes | None) -> None:
         if self._stale(message):
             return
         if message.reply_to and payload is not None:
@@ -260,7 +260,7 @@ class Settler:
                 return
         await self._ack(message, Action.ACK)
 
-    async def retry(self, message: AbstractIncomingMessage, attempt: int, delay: float) -> None:
+    async def retry(self, message: Delivery, attempt: int, delay: float) -> None:
         if self._stale(message):
             return
         headers = publisher_headers(message)
@@ -279,7 +279,7 @@ class Settler:
 
     async def dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         *,
         reason: Reason,
         error_type: str,
@@ -311,7 +311,7 @@ class Settler:
             return
         await self._ack(message, Action.DEAD_LETTER, reason)
 
-    async def requeue(self, message: AbstractIncomingMessage, *, counted: bool) -> None:
+    async def requeue(self, message: Delivery, *, counted: bool) -> None:
         """Hand a message back. ``counted`` uses reject, which 4.3+ counts toward the limit."""
         if self._stale(message):
             return
@@ -325,16 +325,14 @@ class Settler:
             return
         self._observer.on_settled(Action.REQUEUE if counted else Action.RETURN, None)
 
-    def _stale(self, message: AbstractIncomingMessage) -> bool:
+    def _stale(self, message: Delivery) -> bool:
         """True (and counted) when the delivery's channel closed: nothing may be sent for it."""
         if is_stale(message):
             self._observer.on_settled(Action.STALE, None)
             return True
         return False
 
-    async def _reply(
-        self, message: AbstractIncomingMessage, body: bytes, content_type: str | None = None
-    ) -> None:
+    async def _reply(self, message: Delivery, body: bytes, content_type: str | None = None) -> None:
         assert message.reply_to is not None
         await self._publish(
             aio_pika.Message(
@@ -374,9 +372,7 @@ class Settler:
         except CONNECTION_ERRORS as exc:
             log.warning("could not declare %r again: %r", self.queue, exc)
 
-    async def _ack(
-        self, message: AbstractIncomingMessage, action: Action, reason: Reason | None = None
-    ) -> None:
+    async def _ack(self, message: Delivery, action: Action, reason: Reason | None = None) -> None:
         try:
             await self._acks.ack(message)
         except CONNECTION_ERRORS:

@@ -15,7 +15,7 @@ from service.protocol import Reason
 from service.registry import TaskSpec
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage
+    from service.delivery import Delivery
 
 
 class OutcomeKind(StrEnum):
@@ -65,7 +65,7 @@ class Job:
     deliveries: int
     redelivered: bool
     want_result: bool
-    delivery: AbstractIncomingMessage
+    delivery: Delivery
     id: int = 0
     started: float = 0.0
     run_seconds: float = 0.0
