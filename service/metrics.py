@@ -4,20 +4,32 @@ Children report their CPU time and resident memory with each result, so no prome
 multiprocess mode (mmap files, per-PID cleanup) is needed. Label values come from fixed sets
 or from the task registry; ids, arguments and error messages never become labels.
 
-Gauges that describe current state (pool size, busy children, connection) are read at scrape
-time by a collector instead of being updated on every message.
+Nothing on the message path touches prometheus-client: a delivery adds to plain ints and
+floats (and a histogram's bucket list) that collectors turn into metric families at scrape
+time, on the same event loop, so no lock is needed. prometheus-client's own ``Counter`` takes a
+lock and, per labelled series, builds a key on every call: a measurable share of the parent's
+time per message. Gauges of current state (pool size, busy children, connection) are read from
+the stages at scrape time too.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -133,6 +145,128 @@ class _StateCollector(Collector):
         )
 
 
+class _Histogram:
+    """Bucket counts (not cumulative; the last is +Inf), their sum, for one series."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le is inclusive
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        buckets, total = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), total))
+        family.add_metric(labels, buckets, self.sum)
+
+
+class _Counts(Collector):
+    """What the message path counts, as families at scrape time."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.received: defaultdict[str, int] = defaultdict(int)  # task
+        self.finished: defaultdict[tuple[str, str], int] = defaultdict(int)  # task, outcome
+        self.settled: defaultdict[str, int] = defaultdict(int)  # action
+        self.dead_letters: defaultdict[str, int] = defaultdict(int)  # reason
+        self.redelivered = 0
+        self.duration: dict[str, _Histogram] = {}  # task
+        self.queue_wait = _Histogram(QUEUE_WAIT_BUCKETS)
+        self.task_cpu: defaultdict[str, float] = defaultdict(float)  # task
+        self.restarts: defaultdict[str, int] = defaultdict(int)  # reason
+        self.last_success: float | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        q = self.queue
+
+        def counter(name: str, doc: str, labels: list[str], values: Iterable[tuple]) -> Metric:  # type: ignore[type-arg]
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for *label_values, value in values:
+                family.add_metric([str(v) for v in label_values], value)
+            return family
+
+        yield counter(
+            "hutch_tasks_received",
+            "Deliveries received.",
+            ["queue", "task"],
+            ((q, task, n) for task, n in self.received.items()),
+        )
+        yield counter(
+            "hutch_tasks_finished",
+            "Task runs finished, by outcome.",
+            ["queue", "task", "outcome"],
+            ((q, task, outcome, n) for (task, outcome), n in self.finished.items()),
+        )
+        yield counter(
+            "hutch_messages_settled",
+            "Deliveries settled, by action.",
+            ["queue", "action"],
+            ((q, action, n) for action, n in self.settled.items()),
+        )
+        yield counter(
+            "hutch_dead_letters",
+            "Messages dead-lettered, by reason.",
+            ["queue", "reason"],
+            ((q, reason, n) for reason, n in self.dead_letters.items()),
+        )
+        yield counter(
+            "hutch_messages_redelivered",
+            "Deliveries the broker marked as redelivered.",
+            ["queue"],
+            [(q, self.redelivered)],
+        )
+        duration = HistogramMetricFamily(
+            "hutch_task_duration_seconds",
+            "Wall time of a task run in its child.",
+            labels=["queue", "task"],
+        )
+        for task, histogram in self.duration.items():
+            histogram.add_to(duration, [q, task])
+        yield duration
+        wait = HistogramMetricFamily(
+            "hutch_task_queue_wait_seconds",
+            "Time from publish (AMQP timestamp) to the start of the run.",
+            labels=["queue"],
+        )
+        self.queue_wait.add_to(wait, [q])
+        yield wait
+        yield counter(
+            "hutch_task_cpu_seconds",
+            "CPU time used by task runs, by task.",
+            ["queue", "task"],
+            ((q, task, seconds) for task, seconds in self.task_cpu.items()),
+        )
+        yield counter(
+            "hutch_child_restarts",
+            "Pool children replaced, by reason.",
+            ["reason"],
+            ((reason, n) for reason, n in self.restarts.items()),
+        )
+        last = GaugeMetricFamily(
+            "hutch_last_success_timestamp_seconds",
+            "Unix time of the last successful task.",
+            labels=["queue"],
+        )
+        if self.last_success is not None:  # absent until the first success
+            last.add_metric([q], self.last_success)
+        yield last
+
+
+class _Constant(Collector):
+    def __init__(self, metric: Metric) -> None:
+        self._metric = metric
+
+    def collect(self) -> Iterable[Metric]:
+        yield self._metric
+
+
 class Metrics(Observer):
     """The worker's registry; it observes the stages (`service.observer`) and picks the labels.
 
@@ -157,55 +291,8 @@ class Metrics(Observer):
         GCCollector(registry=r)
         self._state = _StateCollector(queue)
         r.register(self._state)
-
-        self.received = Counter(
-            "hutch_tasks_received", "Deliveries received.", ["queue", "task"], registry=r
-        )
-        self.finished = Counter(
-            "hutch_tasks_finished",
-            "Task runs finished, by outcome.",
-            ["queue", "task", "outcome"],
-            registry=r,
-        )
-        self.settled = Counter(
-            "hutch_messages_settled", "Deliveries settled, by action.", ["queue", "action"],
-            registry=r,
-        )  # fmt: skip
-        self.dead_letters = Counter(
-            "hutch_dead_letters", "Messages dead-lettered, by reason.", ["queue", "reason"],
-            registry=r,
-        )  # fmt: skip
-        self.redelivered = Counter(
-            "hutch_messages_redelivered",
-            "Deliveries the broker marked as redelivered.",
-            ["queue"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "hutch_task_duration_seconds",
-            "Wall time of a task run in its child.",
-            ["queue", "task"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "hutch_task_queue_wait_seconds",
-            "Time from publish (AMQP timestamp) to the start of the run.",
-            ["queue"],
-            buckets=QUEUE_WAIT_BUCKETS,
-            registry=r,
-        )
-        self.task_cpu = Counter(
-            "hutch_task_cpu_seconds",
-            "CPU time used by task runs, by task.",
-            ["queue", "task"],
-            registry=r,
-        )
-        self.restarts = Counter(
-            "hutch_child_restarts", "Pool children replaced, by reason.", ["reason"], registry=r
-        )
-        self.last_success = _LastSuccess(queue)
-        r.register(self.last_success)
+        self._counts = counts = _Counts(queue)
+        r.register(counts)
         build = GaugeMetricFamily(
             "hutch_build_info", "hutch version.", labels=["version", "python_version"]
         )
@@ -223,18 +310,13 @@ class Metrics(Observer):
 
         # Every label value shows 0 from the start, so rate() and absent() behave.
         for outcome in TaskOutcome:
-            self.finished.labels(queue, UNKNOWN_TASK, outcome.value)
+            counts.finished[UNKNOWN_TASK, outcome.value] = 0
         for action in Action:
-            self.settled.labels(queue, action.value)
+            counts.settled[action.value] = 0
         for reason in Reason:
-            self.dead_letters.labels(queue, reason.value)
+            counts.dead_letters[reason.value] = 0
         for restart in RestartReason:
-            self.restarts.labels(restart.value)
-        self._redelivered = self.redelivered.labels(queue)
-        self._queue_wait = self.queue_wait.labels(queue)
-        # Labelled children by (metric, labels): `.labels()` takes a lock and builds a key on
-        # every call, a measurable share of the parent's per-message time.
-        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+            counts.restarts[restart.value] = 0
 
     def watch(self, pool: PoolGauges, consumer: ConsumerGauges, ready: Callable[[], bool]) -> None:
         """Read the state gauges from these at every scrape."""
@@ -242,74 +324,45 @@ class Metrics(Observer):
 
     def add_task(self, task: str) -> None:
         """Create a task's series up front, so its counters exist at 0."""
-        self.received.labels(self.queue, task)
+        counts = self._counts
+        counts.received[task] += 0
         for outcome in TaskOutcome:
-            self.finished.labels(self.queue, task, outcome.value)
-        self.duration.labels(self.queue, task)
-        self.task_cpu.labels(self.queue, task)
+            counts.finished[task, outcome.value] += 0
+        counts.duration.setdefault(task, _Histogram(DURATION_BUCKETS))
+        counts.task_cpu[task] += 0.0
 
     # -- the message path -----------------------------------------------------------------
-
-    def _series_of(self, metric: Any, *labels: str) -> Any:
-        key = (metric, labels)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = metric.labels(self.queue, *labels)
-        return series
 
     def on_received(
         self, task: str | None, *, redelivered: bool, runnable_since: float | None
     ) -> None:
-        self._series_of(self.received, task or UNKNOWN_TASK).inc()
+        counts = self._counts
+        counts.received[task or UNKNOWN_TASK] += 1
         if redelivered:
-            self._redelivered.inc()
+            counts.redelivered += 1
         if runnable_since is not None:
-            self._queue_wait.observe(max(0.0, time.time() - runnable_since))
+            counts.queue_wait.observe(max(0.0, time.time() - runnable_since))
 
     def on_finished(
         self, task: str | None, outcome: TaskOutcome, seconds: float, cpu_seconds: float
     ) -> None:
+        counts = self._counts
         task = task or UNKNOWN_TASK
-        self._series_of(self.finished, task, outcome.value).inc()
+        counts.finished[task, outcome.value] += 1
         if outcome is not TaskOutcome.REJECTED:  # it never ran: no duration to speak of
-            self._series_of(self.duration, task).observe(seconds)
-            self._series_of(self.task_cpu, task).inc(cpu_seconds)
+            histogram = counts.duration.get(task)
+            if histogram is None:
+                histogram = counts.duration[task] = _Histogram(DURATION_BUCKETS)
+            histogram.observe(seconds)
+            counts.task_cpu[task] += cpu_seconds
         if outcome is TaskOutcome.SUCCESS:
-            self.last_success.set(time.time())
+            counts.last_success = time.time()
 
     def on_settled(self, action: Action, reason: Reason | None) -> None:
-        self._series_of(self.settled, action.value).inc()
+        counts = self._counts
+        counts.settled[action.value] += 1
         if reason is not None:
-            self._series_of(self.dead_letters, reason.value).inc()
+            counts.dead_letters[reason.value] += 1
 
     def on_restart(self, reason: RestartReason) -> None:
-        self.restarts.labels(reason.value).inc()
-
-
-class _Constant(Collector):
-    def __init__(self, metric: Metric) -> None:
-        self._metric = metric
-
-    def collect(self) -> Iterable[Metric]:
-        yield self._metric
-
-
-class _LastSuccess(Collector):
-    """hutch_last_success_timestamp_seconds: absent until the first success, then its time."""
-
-    def __init__(self, queue: str) -> None:
-        self._queue = queue
-        self._value: float | None = None
-
-    def set(self, value: float) -> None:
-        self._value = value
-
-    def collect(self) -> Iterable[Metric]:
-        g = GaugeMetricFamily(
-            "hutch_last_success_timestamp_seconds",
-            "Unix time of the last successful task.",
-            labels=["queue"],
-        )
-        if self._value is not None:
-            g.add_metric([self._queue], self._value)
-        yield g
+        self._counts.restarts[reason.value] += 1
