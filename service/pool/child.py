@@ -53,12 +53,23 @@ def _harden() -> None:
         pass
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
+class _Resident:
+    """This process's resident memory, read after every job: ``/proc/self/statm`` stays open
+    and is read with one ``pread``, since opening it per job cost more than a no-op job."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def bytes(self) -> int:
+        if self._fd is None:
+            return 0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return 0
 
 
 def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
@@ -146,24 +157,32 @@ def _failed(error_type: str, message: str) -> Outcome:
     return Outcome(OutcomeKind.ERROR, error_type=error_type, error_message=message, retryable=False)
 
 
-@functools.cache
-def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
-    # Building a signature costs about as much as the rest of a no-op job: once per task.
+@functools.lru_cache(maxsize=1024)  # bounded: keyword names come from publishers
+def _call_shape_error(
+    fn: Callable[..., Any], positional: int, keywords: tuple[str, ...]
+) -> str | None:
+    """Why ``fn`` cannot take ``positional`` arguments and these keywords (None if it can).
+
+    Whether a call binds depends only on its shape, never on the values, so the answer is
+    cached per shape: building a signature and binding to it cost as much as the rest of a
+    no-op job. A function without a signature (some builtins) is always called.
+    """
     try:
-        return inspect.signature(fn)
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
+    try:
+        signature.bind(*range(positional), **dict.fromkeys(keywords))
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def _bind(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
     # Checked before the call so a TypeError raised inside the task is a failure, not bad input.
-    signature = _signature(spec.fn)
-    if signature is None:
-        return
-    try:
-        signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise ProtocolError(Reason.BAD_ARGS, f"{spec.name}: {exc}") from None
+    error = _call_shape_error(spec.fn, len(args), tuple(kwargs))
+    if error is not None:
+        raise ProtocolError(Reason.BAD_ARGS, f"{spec.name}: {error}")
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
@@ -175,6 +194,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 def serve(reader: BinaryIO, writer: BinaryIO, runner: Runner) -> None:
     """Answer job frames until the parent closes the pipe."""
+    rss = _Resident()
     writer.write(frame(READY))
     writer.flush()
     while True:
@@ -187,7 +207,7 @@ def serve(reader: BinaryIO, writer: BinaryIO, runner: Runner) -> None:
         job = JobFrame.unpack(body)
         outcome = runner.run(job)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        result = ResultFrame(job.job_id, outcome, usage.ru_utime + usage.ru_stime, _rss_bytes())
+        result = ResultFrame(job.job_id, outcome, usage.ru_utime + usage.ru_stime, rss.bytes())
         writer.write(result.pack())
         writer.flush()
 
