@@ -1,8 +1,11 @@
 """Publish tasks and read results: `AsyncClient` for asyncio code, `Client` for everything else.
 
 Both speak wire protocol v1 and wait for publisher confirms, so a returned task id means the
-broker has the task. Results come back on a private, exclusive reply queue; ``call``, ``map`` and
-``starmap`` raise `TaskError` with the remote error's type and message.
+broker has the task. Results come back through RabbitMQ's direct reply-to
+(``amq.rabbitmq.reply-to``): straight to this client's channel, with no reply queue to declare,
+fill and drain, the fastest request/reply path the broker has. A result for a client that has
+gone is dropped by the broker, as an exclusive reply queue would be deleted with it. ``call``,
+``map`` and ``starmap`` raise `TaskError` with the remote error's type and message.
 
 ``Client`` runs an `AsyncClient` on a private event-loop thread, so it works from plain scripts,
 threads and notebooks alike without touching the caller's event loop::
@@ -23,15 +26,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future as ThreadFuture
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+import aiormq.abc
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from service import protocol, topology
 from service.broker import broker_url_from_env, connect, open_channel
@@ -39,6 +38,7 @@ from service.errors import HutchError, ProtocolError, TaskError
 from service.registry import name_of
 
 T = TypeVar("T")
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 TaskRef = Callable[..., Any] | str
 
 
@@ -75,7 +75,7 @@ class AsyncClient:
         self.window = window
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._replies: AbstractQueue | None = None
+        self._listening = False  # consuming direct replies on the current channel
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._reply_lock = asyncio.Lock()
 
@@ -165,12 +165,12 @@ class AsyncClient:
         )
 
     async def _call(self, task: TaskRef, args: Any, kwargs: Any) -> Any:
-        replies = await self._reply_queue()
+        await self._listen()
         task_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
         try:
-            await self._publish(task, args, kwargs, reply_to=replies.name, task_id=task_id)
+            await self._publish(task, args, kwargs, reply_to=DIRECT_REPLY_TO, task_id=task_id)
             async with asyncio.timeout(self.timeout):
                 return await future
         finally:
@@ -213,23 +213,25 @@ class AsyncClient:
         assert self._channel is not None
         return self._channel
 
-    async def _reply_queue(self) -> AbstractQueue:
-        if self._replies is None:
-            async with self._reply_lock:
-                if self._replies is None:
-                    channel = await self._ready_channel()
-                    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-                    await replies.consume(self._on_reply, no_ack=True)
-                    self._replies = replies
-        return self._replies
+    async def _listen(self) -> None:
+        """Consume direct replies on the publishing channel (RabbitMQ requires the same one)."""
+        if self._listening:
+            return
+        async with self._reply_lock:
+            if not self._listening:
+                channel = await self._ready_channel()
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                self._listening = True
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._waiting.get(message.correlation_id or "")
+    async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
+        properties = message.header.properties
+        future = self._waiting.get(properties.correlation_id or "")
         if future is None or future.done():
             return  # a late or duplicate result (tasks run at least once)
         try:
             envelope = protocol.decode(
-                message.content_type or "", message.body, max_depth=None, string_keys=False
+                properties.content_type or "", message.body, max_depth=None, string_keys=False
             )
             if envelope.get("ok"):
                 future.set_result(envelope.get("result"))
@@ -243,7 +245,7 @@ class AsyncClient:
 
     def _on_close(self, *_: Any) -> None:
         self._connection = self._channel = None
-        self._replies = None
+        self._listening = False
         self._fail_waiting(HutchError("connection to the broker was lost; the task may still run"))
 
     def _fail_waiting(self, exc: Exception) -> None:
