@@ -21,6 +21,11 @@ PIPELINE_BELOW: Final = 0.02
 # them in one system call, and no queued job waits more than about this long.
 QUEUE_BUDGET: Final = 0.002
 MAX_JOBS_PER_CHILD: Final = 8
+# A busy child is topped up only once it holds this many or fewer: each write to its pipe is a
+# system call that wakes it (a fifth of the parent's time per no-op task when every result was
+# answered with a write of one job), so jobs go in batches of about half the queue. Tasks for
+# which the budget allows fewer queued jobs than this are topped up after every result.
+TOP_UP_BELOW: Final = MAX_JOBS_PER_CHILD // 2
 MEAN_WEIGHT: Final = 0.2  # weight of the newest duration in a task's moving mean
 
 

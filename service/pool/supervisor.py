@@ -7,7 +7,7 @@ on exactly one job and the other children keep running.
 
 Where a job is, from `Pool.submit` to ``on_done``::
 
-    submit(job) ──▶ _pending (deque) ──_dispatch/_top_up──▶ _Child.jobs (deque) ──stdin──▶ child
+    submit(job) ──▶ _pending (deque) ──_dispatch/_fill──▶ _Child.jobs (deque) ──stdin──▶ child
                      ▲      ▲                                 │ jobs[0] is running (its head);
                      │      └── bystanders of a dead child ───┤ the rest are queued behind it
       take_pending ◀─┘          (front of the queue, unreported)│
@@ -15,9 +15,9 @@ Where a job is, from `Pool.submit` to ``on_done``::
     on_done(job, outcome) ◀── _on_result (pipe callback) ◀── stdout: ResultFrame per job
                           ◀── _on_exit: head CRASHED / TIMEOUT, doomed RETURNED
 
-- ``_pending``: jobs accepted and not yet sent to a child. Idle children get one at once;
-  busy ones are topped up once per loop turn (one ``write`` each) behind short tasks, as
-  `service.pool.pipelining` allows.
+- ``_pending``: jobs accepted and not yet sent to a child. Once per loop turn (`_fill`, one
+  ``write`` per child) idle children get one each, then children are topped up behind short
+  tasks, as `service.pool.pipelining` allows.
 - ``_Child.jobs``: what one child holds, in the order sent. Only the head has started: its
   clock (``Job.started``) and hard time limit (``_Child.timer``) start when it becomes the head.
 - A job leaves through ``on_done`` exactly once: with the child's outcome, or CRASHED/TIMEOUT
@@ -47,7 +47,7 @@ from service.errors import PoolStartError
 from service.logs import task_fields
 from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
 from service.pool.pipe import HEADER, READY, JobFrame, ResultFrame
-from service.pool.pipelining import Pipelining
+from service.pool.pipelining import TOP_UP_BELOW, Pipelining
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Pool:
         self._children: set[_Child] = set()
         self._pending: deque[Job] = deque()
         self.pipelining = Pipelining()
-        self._topping_up = False  # a `_top_up` is scheduled for this loop turn
+        self._filling = False  # a `_fill` is scheduled for this loop turn
         self._ids = itertools.count(1)
         self._closing = False
         self._respawns: set[asyncio.Task[None]] = set()
@@ -368,28 +368,36 @@ class Pool:
     # -- jobs -----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        if not self._pending:
-            return
-        # Idle children are waiting: each gets a job at once, before any child gets a second.
+        """Send waiting jobs to children at the end of this loop turn: whatever arrives or
+        finishes in one turn goes out in one write per child. Each write is a system call that
+        wakes its child; answering every delivery and every result with its own write was a
+        fifth of the parent's time per no-op task."""
+        if self._pending and not self._filling:
+            self._filling = True
+            self._loop.call_soon(self._fill)
+
+    def _fill(self) -> None:
+        self._filling = False
+        batches: dict[_Child, list[Job]] = {}
+        # Idle children are waiting: each gets a job, before any child gets a second.
         for child in self._children:
             if not self._pending:
-                return
+                break
             if not child.jobs and self._accepts(child):
-                self._write(child, [self._pending.popleft()])
-        # Busy ones are topped up once per loop turn, so results that arrived together are
-        # answered with one write per child.
-        if self._pending and not self._topping_up:
-            self._topping_up = True
-            self._loop.call_soon(self._top_up)
-
-    def _top_up(self) -> None:
-        self._topping_up = False
+                batches[child] = [self._pending.popleft()]
+        # Then each child is topped up behind short jobs, once it is down to half its queue.
         for child in self._children:
-            batch: list[Job] = []
+            if not self._pending:
+                break
+            if len(child.jobs) > TOP_UP_BELOW:
+                continue
+            batch = batches.get(child, [])
             while self._pending and self._may_queue(child, batch):
                 batch.append(self._pending.popleft())
             if batch:
-                self._write(child, batch)
+                batches[child] = batch
+        for child, batch in batches.items():
+            self._write(child, batch)
 
     def _may_queue(self, child: _Child, batch: list[Job]) -> bool:
         """Whether ``child`` may take one more job behind what it holds (and ``batch``)."""
