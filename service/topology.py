@@ -16,12 +16,14 @@ exact 28-word pattern (a ``#`` pattern would also match queues whose names end i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiormq
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, ExchangeType
 
 from service.broker import CONNECTION_ERRORS, open_channel
@@ -84,28 +86,58 @@ def delay_routing_key(queue: str, seconds: float) -> tuple[str, str]:
 
 
 async def declare_delays(channel: AbstractChannel) -> None:
-    """Declare the shared delay levels and the deliver exchange (idempotent)."""
-    deliver = await channel.declare_exchange(DELIVER_EXCHANGE, ExchangeType.TOPIC, durable=True)
-    below = deliver
-    for level in range(DELAY_LEVELS):
-        exchange = await channel.declare_exchange(
-            delay_exchange(level), ExchangeType.TOPIC, durable=True
+    """Declare the shared delay levels and the deliver exchange (idempotent).
+
+    The 112 declarations and bindings go out with ``nowait``, then one passive declare waits
+    for the broker to have handled them all: a worker or client starts about 60 ms sooner
+    (the broker answers each in turn). A declaration the broker refuses (other arguments)
+    closes the channel, so that last call fails with the refusal.
+    """
+    amqp = await channel.get_underlay_channel()
+    try:
+        await amqp.exchange_declare(
+            DELIVER_EXCHANGE, exchange_type=ExchangeType.TOPIC.value, durable=True, nowait=True
         )
-        queue = await channel.declare_queue(
-            delay_exchange(level),
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-message-ttl": (2**level) * 1000,
-                "x-dead-letter-exchange": below.name,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
-        skip = ["*"] * (DELAY_LEVELS - 1 - level)
-        await queue.bind(exchange, ".".join([*skip, "1", "#"]))
-        await below.bind(exchange, ".".join([*skip, "0", "#"]))
-        below = exchange
+        below = DELIVER_EXCHANGE
+        for level in range(DELAY_LEVELS):
+            name = delay_exchange(level)
+            await amqp.exchange_declare(
+                name, exchange_type=ExchangeType.TOPIC.value, durable=True, nowait=True
+            )
+            await amqp.queue_declare(
+                name,
+                durable=True,
+                nowait=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": (2**level) * 1000,
+                    "x-dead-letter-exchange": below,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            )
+            skip = ["*"] * (DELAY_LEVELS - 1 - level)
+            await amqp.queue_bind(name, name, routing_key=".".join([*skip, "1", "#"]), nowait=True)
+            await amqp.exchange_bind(
+                destination=below, source=name, routing_key=".".join([*skip, "0", "#"]), nowait=True
+            )
+            below = name
+        await amqp.exchange_declare(below, exchange_type=ExchangeType.TOPIC.value, passive=True)
+    except aiormq.exceptions.ChannelInvalidStateError as exc:
+        # The broker closed the channel while the nowait frames went out: the later ones fail
+        # with "closed", so raise what closed it (PRECONDITION_FAILED, say) instead.
+        raise await _close_reason(amqp) or exc from None
+
+
+async def _close_reason(channel: aiormq.abc.AbstractChannel) -> aiormq.exceptions.AMQPError | None:
+    """The error the broker closed ``channel`` with (it may still be arriving), if any."""
+    closing = channel.closing
+    await asyncio.wait([closing], timeout=1.0)
+    if closing.done() and not closing.cancelled():
+        reason = closing.exception()
+        if isinstance(reason, aiormq.exceptions.AMQPError):
+            return reason
+    return None
 
 
 async def declare_queue(channel: AbstractChannel, queue: str) -> AbstractQueue:

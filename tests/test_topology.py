@@ -1,0 +1,47 @@
+"""The delay topology, declared with nowait and one barrier: every level and binding is there,
+and a level the broker refuses still fails the declare."""
+
+from __future__ import annotations
+
+import aio_pika
+import aiormq
+import pytest
+
+from service import topology
+from tests.conftest import Vhost, rabbitmqctl
+
+
+async def test_declare_delays_creates_every_level_and_binding(vhost: Vhost) -> None:
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        await topology.declare_delays(channel)
+        await topology.declare_delays(channel)  # idempotent
+    finally:
+        await connection.close()
+    queues = rabbitmqctl("list_queues", "-p", vhost.name, "name", "arguments")
+    for level in range(topology.DELAY_LEVELS):
+        name = topology.delay_exchange(level)
+        line = next(q for q in queues.splitlines() if q.split("\t")[0] == name)
+        assert f"{{\"x-message-ttl\",{2**level * 1000}}}" in line.replace(" ", ""), line
+    bindings = rabbitmqctl(
+        "list_bindings", "-p", vhost.name, "source_name", "destination_name", "routing_key"
+    ).splitlines()
+    # Per level: its queue on a 1 bit, the level below on a 0 bit.
+    assert sum(1 for b in bindings if b.startswith(topology.DELAY_PREFIX)) == 2 * 28
+
+
+async def test_a_refused_level_fails_the_declare(vhost: Vhost) -> None:
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        # Level 3 declared by someone else with another TTL: the broker refuses ours.
+        await channel.declare_queue(
+            topology.delay_exchange(3),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-message-ttl": 1},
+        )
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+            await topology.declare_delays(await connection.channel())
+    finally:
+        await connection.close()
