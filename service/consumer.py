@@ -40,7 +40,8 @@ _BACKOFF_MAX = 15.0
 class Consumer:
     """Keeps one consumer on ``queue`` until `close` is called.
 
-    ``prefetch`` is the first window; `resize` changes it while consuming. ``acks`` is told
+    ``prefetch`` is the first window; `resize` changes it while consuming. With ``paused`` it
+    connects and declares but consumes only after `resume`. ``acks`` is told
     of each consuming channel and delivery, so the settler can settle through it; ``on_lost``
     is called once per lost connection, before reconnecting.
     """
@@ -55,6 +56,7 @@ class Consumer:
         acks: AckRouter | None = None,
         on_lost: Callable[[], None] = lambda: None,
         name: str = "hutch-worker",
+        paused: bool = False,
     ) -> None:
         self._url = url
         self._queue_name = queue
@@ -64,7 +66,7 @@ class Consumer:
         self._on_lost = on_lost
         self._name = name
         self._wake = asyncio.Event()
-        self._paused = False
+        self._paused = paused
         self._closed = False
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
@@ -238,6 +240,11 @@ class Consumer:
         self._paused = True
         if self.consuming:
             await self._cancel_consumer()
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Start (or start again) receiving."""
+        self._paused = False
         self._wake.set()
 
     def close(self) -> None:

@@ -12,8 +12,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
 log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = 5.0
@@ -21,16 +19,17 @@ _MAX_HEADER_BYTES = 16 * 1024
 
 
 class HealthServer:
-    """Serves the registry and two probes; ``live``/``ready`` return (ok, reason)."""
+    """Serves the metrics and two probes: ``metrics`` returns the content type and body of
+    ``/metrics``; ``live``/``ready`` return (ok, reason)."""
 
     def __init__(
         self,
-        registry: CollectorRegistry,
         *,
+        metrics: Callable[[], tuple[str, bytes]],
         live: Callable[[], tuple[bool, str]],
         ready: Callable[[], tuple[bool, str]],
     ) -> None:
-        self._registry = registry
+        self._metrics = metrics
         self._live = live
         self._ready = ready
         self._server: asyncio.Server | None = None
@@ -74,7 +73,8 @@ class HealthServer:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"use GET\n"
         if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
+            content_type, body = self._metrics()
+            return "200 OK", content_type, body
         if path in ("/livez", "/readyz"):
             ok, reason = (self._live if path == "/livez" else self._ready)()
             status = "200 OK" if ok else "503 Service Unavailable"

@@ -93,6 +93,7 @@ class Worker:
             acks=acks,
             on_lost=self._on_connection_lost,
             name=name + " consume",
+            paused=True,  # until the pool is up (see run)
         )
         window = PrefetchWindow(
             concurrency=s.concurrency, minimum_buffer=s.prefetch_buffer, seconds=s.prefetch_time
@@ -136,8 +137,21 @@ class Worker:
                 "to the broker can read and forge tasks"
             )
         self._build()
-        health = await self._serve_health()
-        await self.pool.start()
+        loop = asyncio.get_running_loop()
+        # The children boot while the consumer connects and declares; it starts consuming
+        # once they are ready.
+        consuming = loop.create_task(self.consumer.run())
+        try:
+            health = await self._serve_health()
+            await self.pool.start()
+        except BaseException:
+            self.consumer.close()
+            await consuming
+            await self.publisher.close()
+            raise
+        self.consumer.resume()
+        # prometheus-client loads off the start-up path, before the first scrape needs it.
+        preparing = loop.run_in_executor(None, self.metrics.prepare)
         log.info(
             "hutch worker: %d children, queue %r, tasks %s, broker %s",
             s.concurrency,
@@ -145,15 +159,14 @@ class Worker:
             ", ".join(sorted(registered())),
             safe_url(s.broker_url),
         )
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        consuming = loop.create_task(self.consumer.run())
         watching = loop.create_task(self.prefetch.watch())
         try:
             await self._stop.wait()
             await self.drain()
         finally:
+            await preparing
             watching.cancel()
             self.consumer.close()
             await consuming
@@ -168,7 +181,7 @@ class Worker:
         if addr == "off":
             return None
         host, port = parse_addr(addr)
-        health = HealthServer(self.metrics.registry, live=self.live, ready=self.ready)
+        health = HealthServer(metrics=self.metrics.exposition, live=self.live, ready=self.ready)
         try:
             bound = await health.start(host, port)
         except OSError as exc:

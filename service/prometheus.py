@@ -1,0 +1,232 @@
+"""The worker's metrics as Prometheus sees them: families built from `service.metrics` at
+scrape time, and the text exposition.
+
+Kept apart from the counting so that prometheus-client (about 60 ms to import) stays off the
+worker's start-up path: the worker loads this module in a thread once it is consuming, or at
+the first scrape, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from service import __version__
+
+if TYPE_CHECKING:
+    from service.metrics import Counts, Histogram, Metrics, State
+
+# The *_created series would double the series count and nothing here queries them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def registry(metrics: Metrics) -> CollectorRegistry:
+    """A registry exporting ``metrics``, the process, the platform and the GC."""
+    r = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=r)
+    PlatformCollector(registry=r)
+    GCCollector(registry=r)
+    r.register(_StateCollector(metrics.queue, metrics.state))
+    r.register(_CountsCollector(metrics.queue, metrics.counts))
+    build = GaugeMetricFamily(
+        "hutch_build_info", "hutch version.", labels=["version", "python_version"]
+    )
+    build.add_metric([__version__, platform.python_version()], 1)
+    r.register(_Constant(build))
+    # Joins worker series to RabbitMQ's {vhost, queue} series, and labels per-worker
+    # gauges (ready, connected, pool) with the queue they serve.
+    info = GaugeMetricFamily(
+        "hutch_worker_info", "The queue and vhost this worker consumes.", labels=["queue", "vhost"]
+    )
+    info.add_metric([metrics.queue, metrics.vhost], 1)
+    r.register(_Constant(info))
+    return r
+
+
+def exposition(r: CollectorRegistry) -> tuple[str, bytes]:
+    """The content type and body of ``GET /metrics``."""
+    return CONTENT_TYPE_LATEST, generate_latest(r)
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    buckets, total = [], 0
+    for bound, count in zip((*histogram.bounds, math.inf), histogram.counts, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), total))
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+class _StateCollector(Collector):
+    """Gauges of current state, read from the stages at scrape time (zeros until watched)."""
+
+    def __init__(self, queue: str, state: State) -> None:
+        self._queue = queue
+        self._state = state
+
+    def collect(self) -> Iterable[Metric]:
+        pool, consumer, q = self._state.pool, self._state.consumer, [self._queue]
+
+        def gauge(name: str, doc: str, value: float, labels: bool = True) -> Metric:
+            g = GaugeMetricFamily(name, doc, labels=["queue"] if labels else [])
+            g.add_metric(q if labels else [], value)
+            return g
+
+        yield gauge(
+            "hutch_tasks_in_progress",
+            "Tasks running in pool children.",
+            pool.running if pool else 0,
+        )
+        yield gauge(
+            "hutch_tasks_prefetched",
+            "Deliveries received and not running yet (in the worker, or queued in a child).",
+            pool.waiting if pool else 0,
+        )
+        yield gauge(
+            "hutch_prefetch_window",
+            "Deliveries the consumer may hold unacked; it follows the measured task run time.",
+            consumer.prefetch if consumer else 0,
+        )
+        yield gauge(
+            "hutch_pool_processes", "Configured pool size.", pool.size if pool else 0, False
+        )
+        yield gauge(
+            "hutch_pool_processes_alive", "Pool children running.", pool.alive if pool else 0, False
+        )
+        yield gauge(
+            "hutch_pool_resident_memory_bytes",
+            "Resident memory of the live pool children, as last reported.",
+            pool.resident_bytes() if pool else 0,
+            False,
+        )
+        cpu = CounterMetricFamily(
+            "hutch_pool_cpu_seconds", "CPU time used by pool children, including retired ones."
+        )
+        cpu.add_metric([], pool.cpu_seconds() if pool else 0.0)
+        yield cpu
+        yield gauge(
+            "hutch_broker_connected",
+            "1 while the consuming connection is open.",
+            consumer.connected if consumer else False,
+            False,
+        )
+        reconnects = CounterMetricFamily(
+            "hutch_broker_reconnects", "Consuming connections re-established after a loss."
+        )
+        reconnects.add_metric([], consumer.reconnects if consumer else 0)
+        yield reconnects
+        yield gauge(
+            "hutch_ready",
+            "1 while consuming and not draining (as /readyz).",
+            self._state.ready(),
+            False,
+        )
+
+
+class _CountsCollector(Collector):
+    """What the message path counted, as families."""
+
+    def __init__(self, queue: str, counts: Counts) -> None:
+        self.queue = queue
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        q, c = self.queue, self._counts
+
+        def counter(name: str, doc: str, labels: list[str], values: Iterable[tuple]) -> Metric:  # type: ignore[type-arg]
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for *label_values, value in values:
+                family.add_metric([str(v) for v in label_values], value)
+            return family
+
+        yield counter(
+            "hutch_tasks_received",
+            "Deliveries received.",
+            ["queue", "task"],
+            ((q, task, n) for task, n in c.received.items()),
+        )
+        yield counter(
+            "hutch_tasks_finished",
+            "Task runs finished, by outcome.",
+            ["queue", "task", "outcome"],
+            ((q, task, outcome, n) for (task, outcome), n in c.finished.items()),
+        )
+        yield counter(
+            "hutch_messages_settled",
+            "Deliveries settled, by action.",
+            ["queue", "action"],
+            ((q, action, n) for action, n in c.settled.items()),
+        )
+        yield counter(
+            "hutch_dead_letters",
+            "Messages dead-lettered, by reason.",
+            ["queue", "reason"],
+            ((q, reason, n) for reason, n in c.dead_letters.items()),
+        )
+        yield counter(
+            "hutch_messages_redelivered",
+            "Deliveries the broker marked as redelivered.",
+            ["queue"],
+            [(q, c.redelivered)],
+        )
+        duration = HistogramMetricFamily(
+            "hutch_task_duration_seconds",
+            "Wall time of a task run in its child.",
+            labels=["queue", "task"],
+        )
+        for task, histogram in c.duration.items():
+            _add_histogram(duration, [q, task], histogram)
+        yield duration
+        wait = HistogramMetricFamily(
+            "hutch_task_queue_wait_seconds",
+            "Time from publish (AMQP timestamp) to the start of the run.",
+            labels=["queue"],
+        )
+        _add_histogram(wait, [q], c.queue_wait)
+        yield wait
+        yield counter(
+            "hutch_task_cpu_seconds",
+            "CPU time used by task runs, by task.",
+            ["queue", "task"],
+            ((q, task, seconds) for task, seconds in c.task_cpu.items()),
+        )
+        yield counter(
+            "hutch_child_restarts",
+            "Pool children replaced, by reason.",
+            ["reason"],
+            ((reason, n) for reason, n in c.restarts.items()),
+        )
+        last = GaugeMetricFamily(
+            "hutch_last_success_timestamp_seconds",
+            "Unix time of the last successful task.",
+            labels=["queue"],
+        )
+        if c.last_success is not None:  # absent until the first success
+            last.add_metric([q], c.last_success)
+        yield last
+
+
+class _Constant(Collector):
+    def __init__(self, metric: Metric) -> None:
+        self._metric = metric
+
+    def collect(self) -> Iterable[Metric]:
+        yield self._metric
