@@ -3,7 +3,11 @@
 Every comparison has the same shape: alternate the contenders (A B A B ...) so load from
 elsewhere hits them all, print one line per run, then turn named figures of the runs into
 `Metric` rows. `alternate` and `Comparison` hold that shape; the functions below only say which
-runs and which rows. `bench.workloads` does the measuring.
+runs and which rows. `bench.workloads` and `bench.peer_workloads` do the measuring.
+
+With ``--peers``, Celery and Dramatiq join the alternation of the workloads where they do the
+same job; their rows go to a second table (group ``peers``). A peer that cannot run, or whose
+run fails, keeps its row, saying so.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import workloads
+from bench import peer_workloads, workloads
+from bench.harness import loadavg
+from bench.peer_workloads import PEERS, Peer
 from bench.report import Metric
 from bench.workloads import NOOP, SPIN, Config
 
@@ -35,11 +41,29 @@ async def alternate(
             started = time.perf_counter()
             result = await run()
             results[label].append(result)
+            shown = f"FAILED: {_first_line(result['error'])}" if "error" in result else show(result)
             say(
-                f"  {name:<11} {label:<13} {i + 1}/{repeat}: {show(result)}"
+                f"  {name:<11} {label:<13} {i + 1}/{repeat}: {shown}"
                 f"  [{time.perf_counter() - started:.1f}s, load {result.get('loadavg', -1):.2f}]"
             )
     return results
+
+
+def _first_line(text: str, width: int = 70) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "?"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def guarded(run: Run) -> Run:
+    """A peer's run whose failure is a figure (``{"error": ...}``), not the workload's end."""
+
+    async def attempt() -> dict[str, Any]:
+        try:
+            return await run()
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "loadavg": loadavg()}
+
+    return attempt
 
 
 @dataclass
@@ -80,11 +104,54 @@ class Comparison:
             target,
         )
 
+    def peer_rows(
+        self,
+        cfg: Config,
+        name: str,
+        label: str,
+        unit: str,
+        figure: Figure,
+        targets: dict[str, tuple[str, float]] | None = None,
+        skipped: dict[str, str] | None = None,
+    ) -> list[Metric]:
+        """hutch's ``figure`` against each requested peer's; a peer that did not run says why."""
+        rows = []
+        for peer, missing in cfg.peers.items():
+            missing = missing or (skipped or {}).get(peer)
+            errors = [r["error"] for r in self.runs.get(peer, []) if "error" in r]
+            target = (targets or {}).get(peer)
+            key = f"{name}_vs_{peer.lower()}"
+            if missing is None and not errors:
+                row = self.row(key, label, unit, figure, peer, peer, target)
+            else:
+                why = (
+                    f"not run: {missing}"
+                    if missing
+                    else f"FAILED {len(errors)}/{len(self.runs[peer])}: {_first_line(errors[0])}"
+                )
+                hutch = self.values("hutch", figure)
+                row = Metric(
+                    self.workload, key, label, unit, hutch, None, peer, target, missing=why
+                )
+            row.group = "peers"
+            rows.append(row)
+        return rows
+
 
 async def compare(
-    workload: str, cfg: Config, runs: list[tuple[str, Run]], show: Callable[[dict[str, Any]], str]
+    workload: str,
+    cfg: Config,
+    runs: list[tuple[str, Run]],
+    show: Callable[[dict[str, Any]], str],
+    rounds: int | None = None,
 ) -> Comparison:
-    return Comparison(workload, await alternate(workload, cfg.repeat, runs, show))
+    return Comparison(workload, await alternate(workload, rounds or cfg.repeat, runs, show))
+
+
+def peers(cfg: Config, skipped: dict[str, str] | None = None) -> list[Peer]:
+    """The requested peers that can run (their names are `Peer.name`)."""
+    runnable = {name for name, missing in cfg.peers.items() if missing is None}
+    return [p for p in PEERS if p.name in runnable and p.name not in (skipped or {})]
 
 
 # -- what one run's line shows ------------------------------------------------------------------
@@ -106,6 +173,13 @@ def show_drain(result: dict[str, Any]) -> str:
     return (
         f"{show_per_s(result)} (steady {result['steady_per_s']:,.0f}/s, "
         f"rabbitmqctl all-acked after {result['ack_confirm_s']:.1f}s)"
+    )
+
+
+def show_startup(result: dict[str, Any]) -> str:
+    return (
+        f"first task acked {result['seconds'] * 1000:.0f} ms after spawn "
+        f"(first connection at {result['connect_s'] * 1000:.0f} ms)"
     )
 
 
@@ -134,21 +208,14 @@ async def noop_drain(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
     ]
     if not cfg.quick:  # diagnostic only: hutch with the bare consumer's prefetch
         runs.append((matched, lambda: workloads.drain(cfg, "hutch-prefetch", NOOP, [], n)))
+    runs += [(p.name, guarded(_peer_drain(cfg, p, "noop", [], n))) for p in peers(cfg)]
     c = await compare("noop_drain", cfg, runs, show_drain)
     bare = ("bare consumer", f"bare prefetch {cfg.bare_prefetch}")
+    label = f"no-op drain, {n} tasks"
     rows = [
-        c.row(
-            "tasks_per_s", f"no-op drain, {n} tasks", "tasks/s", "per_s", *bare, ("ratio>=", 0.8)
-        ),
+        c.row("tasks_per_s", label, "tasks/s", "per_s", *bare, ("ratio>=", 0.85)),
         c.row(
             "steady_tasks_per_s", "  same, steady state 90%->10%", "tasks/s", "steady_per_s", *bare
-        ),
-        c.row(
-            "parent_cpu_us_per_task",
-            "  consumer process CPU per task",
-            "us",
-            "parent_cpu_us_per_task",
-            *bare,
         ),
     ]
     if matched in c.runs:
@@ -162,6 +229,49 @@ async def noop_drain(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
                 side=matched,
             )
         )
+    rows.append(
+        c.row(
+            "parent_cpu_us_per_task",
+            "parent CPU per no-op task",
+            "us",
+            "parent_cpu_us_per_task",
+            *bare,
+        )
+    )
+    rows += c.peer_rows(
+        cfg, "tasks_per_s", label, "tasks/s", "per_s", {"Dramatiq": ("ratio>=", 1.0)}
+    )
+    return rows, c.runs
+
+
+def _peer_drain(cfg: Config, peer: Peer, task: str, args: list[Any], n: int) -> Run:
+    return lambda: peer_workloads.drain(
+        peer, task, args, n, concurrency=cfg.concurrency, poll=cfg.poll, quick=cfg.quick
+    )
+
+
+def _ms(key: str) -> Figure:
+    return lambda r: float(r[key]) * 1000
+
+
+def _peer_startup(cfg: Config, peer: Peer) -> Run:
+    return lambda: peer_workloads.startup(peer, concurrency=cfg.concurrency, quick=cfg.quick)
+
+
+async def startup(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
+    runs: list[tuple[str, Run]] = [
+        ("hutch", lambda: workloads.startup(cfg, "hutch")),
+        ("bare consumer", lambda: workloads.startup(cfg, "bare")),
+    ]
+    runs += [(p.name, guarded(_peer_startup(cfg, p))) for p in peers(cfg)]
+    c = await compare("startup", cfg, runs, show_startup, rounds=cfg.startup_rounds)
+    label = f"start-up: spawn to first task acked, concurrency {cfg.concurrency}"
+    acked, connected = _ms("seconds"), _ms("connect_s")
+    rows = [
+        c.row("startup_ms", label, "ms", acked, "bare consumer", None, ("ratio<=", 1.3)),
+        c.row("connect_ms", "  spawn to first connection", "ms", connected, "bare consumer"),
+    ]
+    rows += c.peer_rows(cfg, "startup_ms", label, "ms", acked)
     return rows, c.runs
 
 
@@ -176,6 +286,7 @@ async def cpu(
     ]
     if not cfg.quick:  # diagnostic only: hutch's pool without the broker
         runs.append(("hutch pool", lambda: workloads.hutch_pool(cfg, SPIN, [iterations], n)))
+    runs += [(p.name, guarded(_peer_drain(cfg, p, "spin", [iterations], n))) for p in peers(cfg)]
     c = await compare(key, cfg, runs, show_per_s)
     pool = ("Pool", f"Pool({cfg.concurrency})")
     rows = [
@@ -192,28 +303,44 @@ async def cpu(
                 side="hutch pool",
             )
         )
+    rows += c.peer_rows(cfg, "tasks_per_s", f"CPU {ms:g} ms x {n}", "tasks/s", "per_s")
     return rows, {**c.runs, "iterations": iterations}
 
 
 async def roundtrip(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
-    kinds = ["hutch", "bare"] if cfg.quick else ["hutch", "bare", "bare-confirm"]
+    kinds = ["hutch", "bare", "bare-direct"] + ([] if cfg.quick else ["bare-confirm"])
 
     def one(kind: str) -> Run:
         return lambda: workloads.roundtrip(cfg, kind)
 
-    c = await compare("roundtrip", cfg, [(kind, one(kind)) for kind in kinds], show_latency)
+    skipped = {}
+    if cfg.peers.get("Dramatiq", "") is None and not peer_workloads.redis_installed():
+        skipped["Dramatiq"] = "redis-server is not installed (Dramatiq's results need Redis)"
+        say(f"  note: Dramatiq's round trip is skipped: {skipped['Dramatiq']}")
+    runnable = peers(cfg, skipped)
+    async with peer_workloads.redis_for(runnable) as redis:
+
+        def call(peer: Peer) -> Run:
+            return lambda: peer_workloads.roundtrip(
+                peer,
+                calls=cfg.calls,
+                warmup=cfg.call_warmup,
+                concurrency=cfg.concurrency,
+                quick=cfg.quick,
+                redis=redis,
+            )
+
+        runs = [(kind, one(kind)) for kind in kinds]
+        runs += [(p.name, guarded(call(p))) for p in runnable]
+        c = await compare("roundtrip", cfg, runs, show_latency)
+    label = f"call noop x {cfg.calls}: p50"
     rows = [
-        c.row(
-            "p50_ms",
-            f"call noop x {cfg.calls}: p50",
-            "ms",
-            "p50_ms",
-            "bare",
-            None,
-            ("ratio<=", 1.2),
-        ),
+        c.row("p50_ms", label, "ms", "p50_ms", "bare", None, ("ratio<=", 1.15)),
         c.row("p95_ms", "  p95", "ms", "p95_ms", "bare"),
-        c.row("p99_ms", "  p99", "ms", "p99_ms", "bare", None, ("max", 10.0)),
+        c.row("p99_ms", "  p99", "ms", "p99_ms", "bare", None, ("max", 5.0)),
+        c.row(
+            "p50_ms_vs_direct", "  p50 vs bare w/ direct reply-to", "ms", "p50_ms", "bare-direct"
+        ),
     ]
     if "bare-confirm" in c.runs:
         rows.append(
@@ -225,6 +352,10 @@ async def roundtrip(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
                 "bare-confirm",
             )
         )
+    rows += c.peer_rows(
+        cfg, "p50_ms", label, "ms", "p50_ms", {"Dramatiq": ("ratio<=", 1.0)}, skipped
+    )
+    rows += c.peer_rows(cfg, "p99_ms", "  p99", "ms", "p99_ms", None, skipped)
     return rows, c.runs
 
 

@@ -32,6 +32,8 @@ class Metric:
     baseline: list[float] | None = None
     baseline_label: str = ""
     target: tuple[str, float] | None = None  # ("ratio>=" | "ratio<=" | "max", value)
+    missing: str = ""  # why the baseline has no figures (a peer not installed, or failed)
+    group: str = "baselines"  # which table: "baselines" or "peers"
 
     def ratios(self) -> list[float]:
         if not self.baseline:
@@ -67,6 +69,8 @@ class Metric:
             "hutch": summary(self.hutch) if self.hutch else None,
             "baseline": summary(self.baseline) if self.baseline else None,
             "baseline_label": self.baseline_label,
+            "baseline_missing": self.missing or None,
+            "group": self.group,
             "ratios": ratios,
             "ratio": statistics.median(ratios) if ratios else None,
             "target": self.target_text(),
@@ -92,8 +96,17 @@ def fmt_range(values: list[float] | None) -> str:
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
 
 
-def table(metrics: list[Metric]) -> str:
-    header = ("workload", "hutch", "baseline", "ratio", "target", "verdict")
+def baseline_cell(m: Metric) -> str:
+    if m.baseline:
+        return f"{fmt_range(m.baseline)} {m.baseline_label}"
+    if m.missing:
+        return f"{m.baseline_label}: {m.missing}"
+    return "-"
+
+
+def table(metrics: list[Metric], baseline: str = "baseline") -> str:
+    """The rows as aligned text; ``baseline`` heads the column hutch is compared with."""
+    header = ("workload", "hutch", baseline, "ratio", "target", "verdict")
     rows = [header]
     for m in metrics:
         ratios = m.ratios()
@@ -101,7 +114,7 @@ def table(metrics: list[Metric]) -> str:
             (
                 f"{m.label} [{m.unit}]",
                 fmt_range(m.hutch),
-                (f"{fmt_range(m.baseline)} {m.baseline_label}" if m.baseline else "-"),
+                baseline_cell(m),
                 fmt_range(ratios) if ratios else "-",
                 m.target_text(),
                 m.verdict(),

@@ -25,14 +25,15 @@ from typing import Any
 
 import uvloop
 
-from bench import compare, tasks, workloads
+from bench import bodies, compare, peer_workloads, workloads
 from bench import profile as bench_profile
 from bench.compare import say, show_drain
 from bench.harness import ROOT, BenchError, Profiler, finish_deletions, loadavg, rabbitmqctl
+from bench.peer_workloads import PEERS
 from bench.report import Metric, table, table_rows
 from bench.workloads import NOOP, Config
 
-WORKLOADS = ("noop_drain", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
+WORKLOADS = ("noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
 
 
 # -- environment probes, the order of runs, the CLI -----------------------------------------
@@ -65,7 +66,7 @@ async def profile_drain(cfg: Config, opts: argparse.Namespace) -> dict[str, Any]
     return {"path": str(path), "run": result, "summary": found}
 
 
-def config(opts: argparse.Namespace, iters_per_ms: float) -> Config:
+def config(opts: argparse.Namespace, iters_per_ms: float, peers: dict[str, str | None]) -> Config:
     if opts.quick:
         noop, cpu_n, calls, warmup, submits = 300, 200, 100, 10, 300
     else:
@@ -84,6 +85,9 @@ def config(opts: argparse.Namespace, iters_per_ms: float) -> Config:
         bare_prefetch=min(1000, max(1, noop // 10)),
         poll=opts.poll,
         iters_per_ms=iters_per_ms,
+        # a start-up is one short sample: more of them, still alternating
+        startup_rounds=opts.repeat * (1 if opts.quick else 3),
+        peers=peers,
     )
 
 
@@ -101,7 +105,7 @@ def _measure_spin(iterations: int, runs: int = 20) -> float:
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        tasks.spin(iterations)
+        bodies.spin(iterations)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 
@@ -114,8 +118,12 @@ async def run(opts: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     version = asyncio.ensure_future(rabbitmqctl("version", check=False))  # runs meanwhile
-    iters_per_ms = tasks.calibrate()
-    cfg = config(opts, iters_per_ms)
+    iters_per_ms = bodies.calibrate()
+    described = (
+        [await peer_workloads.describe(p, opts.concurrency) for p in PEERS] if opts.peers else []
+    )
+    peers = {d["peer_name"]: d.get("error") for d in described}
+    cfg = config(opts, iters_per_ms, peers)
     rabbit = (await version).strip()
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -126,6 +134,7 @@ async def run(opts: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),
         "config": cfg.__dict__,
+        "peers": described,
         "spin_iterations_per_ms": iters_per_ms,
         "spin_ms_measured": {
             "5": _measure_spin(cfg.spin_iterations(5)),
@@ -142,6 +151,8 @@ async def run(opts: argparse.Namespace) -> int:
         f"{meta['spin_ms_measured']['5']:.2f} ms, 0.5 ms task "
         f"{meta['spin_ms_measured']['0.5']:.3f} ms)"
     )
+    for line in peer_lines(described):
+        say(line)
     try:
         return await run_workloads(cfg, opts, selected, meta, started)
     finally:
@@ -158,7 +169,8 @@ async def run_workloads(
     plan: dict[str, Callable[[], Awaitable[tuple[list[Metric], dict[str, Any]]]]] = {
         "noop_drain": lambda: compare.noop_drain(cfg),
         "cpu_5ms": lambda: compare.cpu(cfg, 5.0, "cpu_5ms", 0.97),
-        "cpu_0_5ms": lambda: compare.cpu(cfg, 0.5, "cpu_0_5ms", 0.8),
+        "startup": lambda: compare.startup(cfg),
+        "cpu_0_5ms": lambda: compare.cpu(cfg, 0.5, "cpu_0_5ms", 0.9),
         "roundtrip": lambda: compare.roundtrip(cfg),
         "publish": lambda: compare.publish(cfg),
         "memory": lambda: compare.footprint(cfg),
@@ -192,12 +204,18 @@ async def run_workloads(
     output["table"] = table_rows(metrics)
 
     say("")
-    say(table(metrics))
+    say(table([m for m in metrics if m.group == "baselines"]))
     say("")
     say(
         "medians of the runs (min-max); ratio = hutch / baseline per pair of runs (A B A B ...), "
         "median (min-max); verdicts use the medians"
     )
+    if meta["peers"]:
+        say("")
+        say("peers (ratio = hutch / peer, pair by pair, same alternation):")
+        say(table([m for m in metrics if m.group == "peers"], baseline="peer"))
+        for line in peer_lines(meta["peers"]):
+            say(line)
     path = Path(opts.json) if opts.json else default_json_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(output, indent=2, default=str) + "\n")
@@ -206,6 +224,22 @@ async def run_workloads(
         say(f"FAILED workloads: {', '.join(failed)}")
         return 1
     return 0
+
+
+def peer_lines(described: list[dict[str, Any]]) -> list[str]:
+    """Each peer's configuration as printed with the figures."""
+    lines = []
+    for d in described:
+        name = d["peer_name"]
+        if "error" in d:
+            lines.append(f"peer {name}: cannot run: {d['error']}")
+            continue
+        versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in d["settings"].items())
+        lines.append(f"peer {name} ({versions}): {d['worker_command']}")
+        lines.append(f"  queue {d['queue']}; results: {d['result_backend']}")
+        lines.append(f"  settings: {settings}")
+    return lines
 
 
 def default_json_path() -> Path:
@@ -236,6 +270,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     parser.add_argument(
         "--profile-native", action="store_true", help="py-spy --native (C frames too)"
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run noop_drain, startup, cpu_* and roundtrip through Celery and Dramatiq",
     )
     parser.add_argument("--concurrency", type=int, default=2, help="hutch children and Pool size")
     parser.add_argument(
