@@ -252,6 +252,8 @@ class AckWatch:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self.connected: float | None = None  # perf_counter of the first client connection
+        self.connections = 0
+        self.sent = 0  # bytes client to broker, for the error when no ack comes
         self.first_ack: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
     async def start(self) -> int:
@@ -270,10 +272,12 @@ class AckWatch:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connected is None:
             self.connected = time.perf_counter()
+        self.connections += 1
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.close()
+            async with asyncio.timeout(10):
+                up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except (OSError, TimeoutError):
+            writer.close()  # the consumer sees a lost connection, as without the relay
             return
         for pipe in (self._pump(reader, up_writer, watch=True), self._pump(up_reader, writer)):
             task = asyncio.ensure_future(pipe)
@@ -288,6 +292,8 @@ class AckWatch:
         try:
             while data := await reader.read(65536):
                 writer.write(data)
+                if watch:
+                    self.sent += len(data)
                 if watch and not self.first_ack.done():
                     pending += data
                     pending, skip = self._scan(pending, skip)
@@ -414,6 +420,19 @@ class Proc:
             raise BenchError(
                 f"{self.label} exited with code {self.proc.returncode}:\n{self.tail()}"
             )
+
+    async def terminate(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait for the exit code, keeping the log (`stop` cleans up after)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
+        return proc.returncode
 
     async def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM (a hutch worker drains), then SIGKILL to the whole group if it hangs."""

@@ -194,8 +194,11 @@ async def time_startup(
             while not watch.first_ack.done():
                 proc.check_alive()
                 if time.perf_counter() > deadline:
+                    code = await proc.terminate()  # its last words, too, go into the error
                     raise BenchError(
-                        f"{proc.label}: no ack {timeout:g}s after spawn\n{proc.tail()}"
+                        f"{proc.label}: no ack {timeout:g}s after spawn ({watch.connections} "
+                        f"connection(s), {watch.sent} bytes sent; exit code {code} on SIGTERM)"
+                        f"\n{proc.tail()}"
                     )
                 await asyncio.wait({watch.first_ack}, timeout=0.05)
             acked = watch.first_ack.result()
