@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -65,6 +67,11 @@ class Vhost:
     @property
     def url(self) -> str:
         return f"amqp://{BROKER}/{self.name}"
+
+    def url_via(self, port: int) -> str:
+        """The same vhost through a relay on this machine's ``port`` (see `AckWatch`)."""
+        credentials = BROKER.rsplit("@", 1)[0]
+        return f"amqp://{credentials}@127.0.0.1:{port}/{self.name}"
 
     async def queue_counts(self, queue: str) -> tuple[int, int]:
         """(messages_ready, messages_unacknowledged) as rabbitmqctl reports them.
@@ -219,6 +226,138 @@ class Probe:
             await asyncio.sleep(0.02)
 
 
+# -- seeing an ack ----------------------------------------------------------------------------
+
+_AMQP_HEADER = 8  # "AMQP" 0 0 9 1, sent once by the client before any frame
+_FRAME_HEADER = struct.Struct(">BHI")  # type, channel, payload size; then payload and 0xCE
+_BASIC_ACK = struct.pack(">HH", 60, 80)  # class basic, method ack
+
+
+class AckWatch:
+    """A loopback relay to the broker that notes when the first ``basic.ack`` passes through it.
+
+    A consumer connected through it (`Vhost.url_via`) is timed to the moment its first ack
+    reaches the broker. No broker query shows that moment: a passive ``queue.declare`` counts
+    only ready messages (it drops at the delivery, not at the ack), and ``rabbitmqctl`` and the
+    management API lag by the stats interval on quorum queues. The relay reads only the
+    client-to-broker stream (consumer acks; publisher confirms travel the other way), frame
+    headers only, and forwards every byte as it arrives, so it adds one loopback hop per frame
+    (tens of microseconds) to every contender alike.
+    """
+
+    def __init__(self) -> None:
+        host_port = BROKER.rsplit("@", 1)[-1]
+        host, _, port = host_port.partition(":")
+        self._upstream = (host, int(port or 5672))
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.connected: float | None = None  # perf_counter of the first client connection
+        self.connections = 0
+        self.sent = 0  # bytes client to broker, for the error when no ack comes
+        self.first_ack: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connected is None:
+            self.connected = time.perf_counter()
+        self.connections += 1
+        try:
+            async with asyncio.timeout(10):
+                up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except (OSError, TimeoutError):
+            writer.close()  # the consumer sees a lost connection, as without the relay
+            return
+        for pipe in (self._pump(reader, up_writer, watch=True), self._pump(up_reader, writer)):
+            task = asyncio.ensure_future(pipe)
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, watch: bool = False
+    ) -> None:
+        pending = b""
+        skip = _AMQP_HEADER if watch else 0
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                if watch:
+                    self.sent += len(data)
+                if watch and not self.first_ack.done():
+                    pending += data
+                    pending, skip = self._scan(pending, skip)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _scan(self, data: bytes, skip: int) -> tuple[bytes, int]:
+        """Walk whole frames in ``data``; returns what is left and the bytes still to skip."""
+        seen = time.perf_counter()
+        offset = min(skip, len(data))
+        skip -= offset
+        while skip == 0 and len(data) - offset >= _FRAME_HEADER.size:
+            kind, _, size = _FRAME_HEADER.unpack_from(data, offset)
+            start = offset + _FRAME_HEADER.size
+            if kind == 1 and len(data) >= start + 4 and data[start : start + 4] == _BASIC_ACK:
+                self.first_ack.set_result(seen)
+                return b"", 0
+            end = start + size + 1
+            if end > len(data):  # keep only the header's fields needed: skip the rest later
+                if len(data) >= start + 4:
+                    return b"", end - len(data)
+                break
+            offset = end
+        return data[offset:], skip
+
+
+# -- Redis, for Dramatiq's results ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def redis_server(exe: str) -> AsyncIterator[str]:
+    """A throwaway ``redis-server`` on loopback (nothing saved), stopped by its own pid.
+
+    Yields its URL.
+    """
+    port = free_port()
+    argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = Proc("redis-server", argv, clean_env())
+    async with running(proc):
+        deadline = time.perf_counter() + 10
+        while True:
+            proc.check_alive()
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"PING\r\n")
+                answer = await reader.readline()
+                writer.close()
+                if answer.startswith(b"+PONG"):
+                    break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"redis-server did not answer on port {port}\n{proc.tail()}")
+            await asyncio.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
 # -- subprocesses ------------------------------------------------------------------------------
 
 
@@ -281,6 +420,19 @@ class Proc:
             raise BenchError(
                 f"{self.label} exited with code {self.proc.returncode}:\n{self.tail()}"
             )
+
+    async def terminate(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait for the exit code, keeping the log (`stop` cleans up after)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
+        return proc.returncode
 
     async def stop(self, timeout: float = 40.0) -> int | None:
         """SIGTERM (a hutch worker drains), then SIGKILL to the whole group if it hangs."""

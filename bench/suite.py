@@ -1,5 +1,6 @@
-"""The benchmark suite: run every workload against its baseline, print a table, write JSON.
+"""The benchmark suite: options, the order of the workloads, the environment, the JSON file.
 
+Which runs each workload compares is in `bench.compare`, the table in `bench.report`.
 See bench/README.md. Entry point: ``.venv/bin/python bench/run.py [--quick] [--repeat N]
 [--json PATH]``.
 """
@@ -19,421 +20,23 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from bench import bodies, compare, peer_workloads, workloads
 from bench import profile as bench_profile
-from bench import tasks, workloads
+from bench.compare import say, show_drain
 from bench.harness import ROOT, BenchError, Profiler, finish_deletions, loadavg, rabbitmqctl
-from bench.workloads import NOOP, SPIN, Config
+from bench.peer_workloads import PEERS
+from bench.report import Metric, table, table_rows
+from bench.workloads import NOOP, Config
 
-WORKLOADS = ("noop_drain", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
-
-
-# -- figures -----------------------------------------------------------------------------------
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "runs": values,
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
+WORKLOADS = ("noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
 
 
-@dataclass
-class Metric:
-    """One row of the final table: hutch's figure, its baseline's, and the target."""
-
-    workload: str
-    name: str
-    label: str
-    unit: str
-    hutch: list[float]
-    baseline: list[float] | None = None
-    baseline_label: str = ""
-    target: tuple[str, float] | None = None  # ("ratio>=" | "ratio<=" | "max", value)
-
-    def ratios(self) -> list[float]:
-        if not self.baseline:
-            return []
-        return [h / b for h, b in zip(self.hutch, self.baseline, strict=False) if b > 0]
-
-    def verdict(self) -> str:
-        if self.target is None or not self.hutch:
-            return "info"
-        kind, value = self.target
-        if kind == "max":
-            return "PASS" if statistics.median(self.hutch) <= value else "MISS"
-        ratios = self.ratios()
-        if not ratios:
-            return "n/a"
-        ratio = statistics.median(ratios)
-        ok = ratio >= value if kind == "ratio>=" else ratio <= value
-        return "PASS" if ok else "MISS"
-
-    def target_text(self) -> str:
-        if self.target is None:
-            return "-"
-        kind, value = self.target
-        if kind == "max":
-            return f"<= {value:g} {self.unit}"
-        return f"{'>=' if kind == 'ratio>=' else '<='} {value:g}x"
-
-    def to_json(self) -> dict[str, Any]:
-        ratios = self.ratios()
-        return {
-            "label": self.label,
-            "unit": self.unit,
-            "hutch": summary(self.hutch) if self.hutch else None,
-            "baseline": summary(self.baseline) if self.baseline else None,
-            "baseline_label": self.baseline_label,
-            "ratios": ratios,
-            "ratio": statistics.median(ratios) if ratios else None,
-            "target": self.target_text(),
-            "verdict": self.verdict(),
-        }
-
-
-def fmt(value: float) -> str:
-    if value >= 1000:
-        return f"{value:,.0f}"
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
-def fmt_range(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
-
-
-def table(metrics: list[Metric]) -> str:
-    header = ("workload", "hutch", "baseline", "ratio", "target", "verdict")
-    rows = [header]
-    for m in metrics:
-        ratios = m.ratios()
-        rows.append(
-            (
-                f"{m.label} [{m.unit}]",
-                fmt_range(m.hutch),
-                (f"{fmt_range(m.baseline)} {m.baseline_label}" if m.baseline else "-"),
-                fmt_range(ratios) if ratios else "-",
-                m.target_text(),
-                m.verdict(),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# -- running -----------------------------------------------------------------------------------
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-async def alternate(
-    name: str,
-    repeat: int,
-    runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]],
-    show: Callable[[dict[str, Any]], str],
-) -> dict[str, list[dict[str, Any]]]:
-    """Run each (label, run) in turn, ``repeat`` rounds: A B A B ... so noise hits both."""
-    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in runs}
-    for i in range(repeat):
-        for label, run in runs:
-            started = time.perf_counter()
-            result = await run()
-            results[label].append(result)
-            say(
-                f"  {name:<11} {label:<13} {i + 1}/{repeat}: {show(result)}"
-                f"  [{time.perf_counter() - started:.1f}s, load {result.get('loadavg', -1):.2f}]"
-            )
-    return results
-
-
-def _per_s(result: dict[str, Any]) -> str:
-    text = f"{result['per_s']:,.0f} tasks/s in {result['seconds']:.3f}s"
-    if "parent_cpu_s" in result:
-        text += (
-            f"; CPU/task: parent {result['parent_cpu_us_per_task']:.0f} us, "
-            f"children {result['children_cpu_us_per_task']:.0f} us"
-        )
-        if "broker_cpu_us_per_task" in result:
-            text += f", broker {result['broker_cpu_us_per_task']:.0f} us"
-    return text
-
-
-def _drain_show(result: dict[str, Any]) -> str:
-    return (
-        f"{_per_s(result)} (steady {result['steady_per_s']:,.0f}/s, "
-        f"rabbitmqctl all-acked after {result['ack_confirm_s']:.1f}s)"
-    )
-
-
-def _latency_show(result: dict[str, Any]) -> str:
-    return f"p50 {result['p50_ms']:.2f} p95 {result['p95_ms']:.2f} p99 {result['p99_ms']:.2f} ms"
-
-
-def _memory_show(result: dict[str, Any]) -> str:
-    rest, after = result["rest"], result["after"]
-    children = ", ".join(f"{c:.1f}" for c in after["children_rss_mb"]) or "none"
-    return (
-        f"parent RSS {rest['parent_rss_mb']:.1f} -> {after['parent_rss_mb']:.1f} MB, "
-        f"children {children} MB"
-    )
-
-
-def values(results: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) for r in results]
-
-
-async def noop_drain(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
-    n = cfg.noop_tasks
-    matched = f"hutch pf {cfg.bare_prefetch}"
-    runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-        ("hutch", lambda: workloads.drain(cfg, "hutch", NOOP, [], n)),
-        ("bare consumer", lambda: workloads.drain(cfg, "bare", NOOP, [], n)),
-    ]
-    if not cfg.quick:  # diagnostic only: hutch with the bare consumer's prefetch
-        runs.append((matched, lambda: workloads.drain(cfg, "hutch-prefetch", NOOP, [], n)))
-    r = await alternate("noop_drain", cfg.repeat, runs, _drain_show)
-    h, b = r["hutch"], r["bare consumer"]
-    bare = f"bare prefetch {cfg.bare_prefetch}"
-    rows = [
-        Metric(
-            "noop_drain",
-            "tasks_per_s",
-            f"no-op drain, {n} tasks",
-            "tasks/s",
-            values(h, "per_s"),
-            values(b, "per_s"),
-            bare,
-            ("ratio>=", 0.8),
-        ),
-        Metric(
-            "noop_drain",
-            "steady_tasks_per_s",
-            "  same, steady state 90%->10%",
-            "tasks/s",
-            values(h, "steady_per_s"),
-            values(b, "steady_per_s"),
-            bare,
-        ),
-        Metric(
-            "noop_drain",
-            "parent_cpu_us_per_task",
-            "  consumer process CPU per task",
-            "us",
-            values(h, "parent_cpu_us_per_task"),
-            values(b, "parent_cpu_us_per_task"),
-            bare,
-        ),
-    ]
-    if matched in r:
-        rows.append(
-            Metric(
-                "noop_drain",
-                "prefetch_matched_tasks_per_s",
-                f"  hutch --prefetch-buffer {cfg.bare_prefetch - cfg.concurrency}",
-                "tasks/s",
-                values(r[matched], "per_s"),
-                values(b, "per_s"),
-                bare,
-            )
-        )
-    return rows, r
-
-
-async def cpu(
-    cfg: Config, ms: float, key: str, target: float
-) -> tuple[list[Metric], dict[str, Any]]:
-    n = cfg.cpu_tasks
-    iterations = cfg.spin_iterations(ms)
-    runs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-        ("hutch", lambda: workloads.drain(cfg, "hutch", SPIN, [iterations], n)),
-        ("Pool", lambda: workloads.pool(cfg, ms)),
-    ]
-    if not cfg.quick:  # diagnostic only: hutch's pool without the broker
-        runs.append(("hutch pool", lambda: workloads.hutch_pool(cfg, SPIN, [iterations], n)))
-    r = await alternate(key, cfg.repeat, runs, _per_s)
-    h, p = r["hutch"], r["Pool"]
-    rows = [
-        Metric(
-            key,
-            "tasks_per_s",
-            f"CPU {ms:g} ms x {n}",
-            "tasks/s",
-            values(h, "per_s"),
-            values(p, "per_s"),
-            f"Pool({cfg.concurrency})",
-            ("ratio>=", target),
-        )
-    ]
-    if "hutch pool" in r:
-        rows.append(
-            Metric(
-                key,
-                "pool_only_tasks_per_s",
-                "  hutch's pool alone, no broker",
-                "tasks/s",
-                values(r["hutch pool"], "per_s"),
-                values(p, "per_s"),
-                f"Pool({cfg.concurrency})",
-            )
-        )
-    return rows, {**r, "iterations": iterations}
-
-
-async def roundtrip(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
-    kinds = ["hutch", "bare"] if cfg.quick else ["hutch", "bare", "bare-confirm"]
-
-    def one(kind: str) -> Callable[[], Awaitable[dict[str, Any]]]:
-        return lambda: workloads.roundtrip(cfg, kind)
-
-    r = await alternate(
-        "roundtrip", cfg.repeat, [(kind, one(kind)) for kind in kinds], _latency_show
-    )
-    h, b = r["hutch"], r["bare"]
-    label = f"call noop x {cfg.calls}"
-    extra = []
-    if "bare-confirm" in r:
-        extra.append(
-            Metric(
-                "roundtrip",
-                "p50_ms_vs_confirmed",
-                "  p50 vs bare w/ confirmed replies",
-                "ms",
-                values(h, "p50_ms"),
-                values(r["bare-confirm"], "p50_ms"),
-                "bare-confirm",
-            )
-        )
-    return [
-        Metric(
-            "roundtrip",
-            "p50_ms",
-            f"{label}: p50",
-            "ms",
-            values(h, "p50_ms"),
-            values(b, "p50_ms"),
-            "bare",
-            ("ratio<=", 1.2),
-        ),
-        Metric(
-            "roundtrip", "p95_ms", "  p95", "ms", values(h, "p95_ms"), values(b, "p95_ms"), "bare"
-        ),
-        Metric(
-            "roundtrip",
-            "p99_ms",
-            "  p99",
-            "ms",
-            values(h, "p99_ms"),
-            values(b, "p99_ms"),
-            "bare",
-            ("max", 10.0),
-        ),
-        *extra,
-    ], r
-
-
-async def publish(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
-    r = await alternate(
-        "publish",
-        cfg.repeat,
-        [
-            ("hutch", lambda: workloads.publish(cfg, "hutch")),
-            ("bare", lambda: workloads.publish(cfg, "bare")),
-        ],
-        _per_s,
-    )
-    return [
-        Metric(
-            "publish",
-            "tasks_per_s",
-            f"submit x {cfg.submits}, {cfg.window} in flight",
-            "tasks/s",
-            values(r["hutch"], "per_s"),
-            values(r["bare"], "per_s"),
-            "bare confirmed",
-            ("ratio>=", 0.8),
-        )
-    ], r
-
-
-async def footprint(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
-    r = await alternate(
-        "memory",
-        cfg.repeat,
-        [
-            ("hutch", lambda: workloads.footprint(cfg, "hutch")),
-            ("bare consumer", lambda: workloads.footprint(cfg, "bare")),
-        ],
-        _memory_show,
-    )
-    h, b = r["hutch"], r["bare consumer"]
-
-    def get(results: list[dict[str, Any]], when: str, key: str) -> list[float]:
-        return [float(x[when][key]) for x in results]
-
-    def child(results: list[dict[str, Any]], when: str) -> list[float]:
-        return [max(x[when]["children_rss_mb"], default=0.0) for x in results]
-
-    return [
-        Metric(
-            "memory",
-            "parent_rss_rest_mb",
-            "parent RSS at rest",
-            "MB",
-            get(h, "rest", "parent_rss_mb"),
-            get(b, "rest", "parent_rss_mb"),
-            "bare consumer",
-        ),
-        Metric(
-            "memory",
-            "parent_rss_after_mb",
-            f"parent RSS after {cfg.noop_tasks} no-ops",
-            "MB",
-            get(h, "after", "parent_rss_mb"),
-            get(b, "after", "parent_rss_mb"),
-            "bare consumer",
-            ("max", 60.0),
-        ),
-        Metric(
-            "memory",
-            "parent_hwm_mb",
-            "  parent peak RSS (VmHWM)",
-            "MB",
-            get(h, "after", "parent_hwm_mb"),
-            get(b, "after", "parent_hwm_mb"),
-            "bare consumer",
-        ),
-        Metric(
-            "memory", "child_rss_rest_mb", "child RSS at rest (largest)", "MB", child(h, "rest")
-        ),
-        Metric(
-            "memory", "child_rss_after_mb", "child RSS after (largest)", "MB", child(h, "after")
-        ),
-    ], r
-
-
-# -- main --------------------------------------------------------------------------------------
+# -- environment probes, the order of runs, the CLI -----------------------------------------
 
 
 def find_py_spy(given: str | None) -> str:
@@ -456,14 +59,14 @@ async def profile_drain(cfg: Config, opts: argparse.Namespace) -> dict[str, Any]
     )
     say(f"profile: an extra hutch no-op drain of {cfg.noop_tasks} with py-spy (not counted):")
     result = await workloads.drain(cfg, "hutch", NOOP, [], cfg.noop_tasks, profiler)
-    say(f"  {_drain_show(result)}")
+    say(f"  {show_drain(result)}")
     found = bench_profile.summarize(path, top=15)
     say("  " + bench_profile.render(found).replace("\n", "\n  "))
     say(f"  folded stacks in {path}")
     return {"path": str(path), "run": result, "summary": found}
 
 
-def config(opts: argparse.Namespace, iters_per_ms: float) -> Config:
+def config(opts: argparse.Namespace, iters_per_ms: float, peers: dict[str, str | None]) -> Config:
     if opts.quick:
         noop, cpu_n, calls, warmup, submits = 300, 200, 100, 10, 300
     else:
@@ -482,6 +85,9 @@ def config(opts: argparse.Namespace, iters_per_ms: float) -> Config:
         bare_prefetch=min(1000, max(1, noop // 10)),
         poll=opts.poll,
         iters_per_ms=iters_per_ms,
+        # a start-up is one short sample: more of them, still alternating
+        startup_rounds=opts.repeat * (1 if opts.quick else 3),
+        peers=peers,
     )
 
 
@@ -499,7 +105,7 @@ def _measure_spin(iterations: int, runs: int = 20) -> float:
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        tasks.spin(iterations)
+        bodies.spin(iterations)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 
@@ -512,8 +118,12 @@ async def run(opts: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     version = asyncio.ensure_future(rabbitmqctl("version", check=False))  # runs meanwhile
-    iters_per_ms = tasks.calibrate()
-    cfg = config(opts, iters_per_ms)
+    iters_per_ms = bodies.calibrate()
+    described = (
+        [await peer_workloads.describe(p, opts.concurrency) for p in PEERS] if opts.peers else []
+    )
+    peers = {d["peer_name"]: d.get("error") for d in described}
+    cfg = config(opts, iters_per_ms, peers)
     rabbit = (await version).strip()
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -524,6 +134,7 @@ async def run(opts: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),
         "config": cfg.__dict__,
+        "peers": described,
         "spin_iterations_per_ms": iters_per_ms,
         "spin_ms_measured": {
             "5": _measure_spin(cfg.spin_iterations(5)),
@@ -540,6 +151,8 @@ async def run(opts: argparse.Namespace) -> int:
         f"{meta['spin_ms_measured']['5']:.2f} ms, 0.5 ms task "
         f"{meta['spin_ms_measured']['0.5']:.3f} ms)"
     )
+    for line in peer_lines(described):
+        say(line)
     try:
         return await run_workloads(cfg, opts, selected, meta, started)
     finally:
@@ -554,12 +167,13 @@ async def run_workloads(
     started: float,
 ) -> int:
     plan: dict[str, Callable[[], Awaitable[tuple[list[Metric], dict[str, Any]]]]] = {
-        "noop_drain": lambda: noop_drain(cfg),
-        "cpu_5ms": lambda: cpu(cfg, 5.0, "cpu_5ms", 0.97),
-        "cpu_0_5ms": lambda: cpu(cfg, 0.5, "cpu_0_5ms", 0.8),
-        "roundtrip": lambda: roundtrip(cfg),
-        "publish": lambda: publish(cfg),
-        "memory": lambda: footprint(cfg),
+        "noop_drain": lambda: compare.noop_drain(cfg),
+        "cpu_5ms": lambda: compare.cpu(cfg, 5.0, "cpu_5ms", 0.97),
+        "startup": lambda: compare.startup(cfg),
+        "cpu_0_5ms": lambda: compare.cpu(cfg, 0.5, "cpu_0_5ms", 0.9),
+        "roundtrip": lambda: compare.roundtrip(cfg),
+        "publish": lambda: compare.publish(cfg),
+        "memory": lambda: compare.footprint(cfg),
     }
     metrics: list[Metric] = []
     output: dict[str, Any] = {"meta": meta, "workloads": {}}
@@ -587,15 +201,21 @@ async def run_workloads(
             output["profile"] = {"error": str(exc)}
     meta["loadavg_end"] = loadavg()
     meta["duration_s"] = time.perf_counter() - started
-    output["table"] = [{"workload": m.workload, "metric": m.name, **m.to_json()} for m in metrics]
+    output["table"] = table_rows(metrics)
 
     say("")
-    say(table(metrics))
+    say(table([m for m in metrics if m.group == "baselines"]))
     say("")
     say(
         "medians of the runs (min-max); ratio = hutch / baseline per pair of runs (A B A B ...), "
         "median (min-max); verdicts use the medians"
     )
+    if meta["peers"]:
+        say("")
+        say("peers (ratio = hutch / peer, pair by pair, same alternation):")
+        say(table([m for m in metrics if m.group == "peers"], baseline="peer"))
+        for line in peer_lines(meta["peers"]):
+            say(line)
     path = Path(opts.json) if opts.json else default_json_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(output, indent=2, default=str) + "\n")
@@ -604,6 +224,22 @@ async def run_workloads(
         say(f"FAILED workloads: {', '.join(failed)}")
         return 1
     return 0
+
+
+def peer_lines(described: list[dict[str, Any]]) -> list[str]:
+    """Each peer's configuration as printed with the figures."""
+    lines = []
+    for d in described:
+        name = d["peer_name"]
+        if "error" in d:
+            lines.append(f"peer {name}: cannot run: {d['error']}")
+            continue
+        versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in d["settings"].items())
+        lines.append(f"peer {name} ({versions}): {d['worker_command']}")
+        lines.append(f"  queue {d['queue']}; results: {d['result_backend']}")
+        lines.append(f"  settings: {settings}")
+    return lines
 
 
 def default_json_path() -> Path:
@@ -634,6 +270,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
     parser.add_argument(
         "--profile-native", action="store_true", help="py-spy --native (C frames too)"
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run noop_drain, startup, cpu_* and roundtrip through Celery and Dramatiq",
     )
     parser.add_argument("--concurrency", type=int, default=2, help="hutch children and Pool size")
     parser.add_argument(

@@ -1,49 +1,13 @@
-"""Tasks the benchmarks run: ``noop`` and ``spin``, a calibrated amount of pure-Python CPU work.
+"""The benchmark's task bodies (`bench.bodies`) registered as hutch tasks.
 
-``spin`` takes an iteration count, not milliseconds: the benchmark calibrates iterations per ms
-once, in its own process, and passes the same count to hutch's children and to the
-`multiprocessing.Pool` baseline, so both do exactly the same work.
+The names stay ``bench.tasks.noop`` and ``bench.tasks.spin``: the functions are the very
+objects the `multiprocessing.Pool` baseline and the peers run.
 """
 
 from __future__ import annotations
 
-import time
-
 import service
+from bench import bodies
 
-
-@service.task
-def noop() -> None:
-    return None
-
-
-@service.task
-def spin(iterations: int) -> None:
-    """About ``iterations / calibrate()`` ms of CPU: a loop the interpreter cannot skip."""
-    x = 0
-    for i in range(iterations):
-        x = (x * 31 + i) & 0xFFFF
-    return None
-
-
-def calibrate(target_ms: float = 50.0, trials: int = 7) -> float:
-    """Iterations of `spin` per millisecond on this machine, from the fastest of ``trials``.
-
-    The fastest trial is the one least disturbed by other load, so tasks built from it take
-    at least the nominal time.
-    """
-    iterations = 20_000
-    while True:  # grow until one run takes about target_ms
-        started = time.perf_counter()
-        spin(iterations)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if elapsed_ms >= target_ms / 4:
-            break
-        iterations *= 2
-    iterations = max(1, int(iterations * target_ms / elapsed_ms))
-    best = float("inf")
-    for _ in range(trials):
-        started = time.perf_counter()
-        spin(iterations)
-        best = min(best, time.perf_counter() - started)
-    return iterations / (best * 1000)
+noop = service.task(name="bench.tasks.noop")(bodies.noop)
+spin = service.task(name="bench.tasks.spin")(bodies.spin)

@@ -11,14 +11,16 @@ import multiprocessing
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench import tasks
+from bench import bodies
 from bench.harness import (
     MSGPACK,
+    AckWatch,
     BenchError,
     CpuMeter,
     Probe,
@@ -41,6 +43,7 @@ from service import AsyncClient, protocol, topology
 
 NOOP = "bench.tasks.noop"
 SPIN = "bench.tasks.spin"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Config:
     bare_prefetch: int
     poll: float
     iters_per_ms: float
+    startup_rounds: int  # start-ups per contender (each is one short sample)
+    # The peers asked for (--peers), by name: None if it can run, else why not.
+    peers: dict[str, str | None] = field(default_factory=dict)
 
     def spin_iterations(self, ms: float) -> int:
         return max(1, round(self.iters_per_ms * ms))
@@ -65,7 +71,7 @@ class Config:
 # -- draining a pre-filled queue ---------------------------------------------------------------
 
 
-async def _time_drain(
+async def time_drain(
     probe: Probe, n: int, proc: Proc, poll: float, profiler: Profiler | None = None
 ) -> dict[str, float]:
     """Poll the ready count: time from its first drop below ``n`` to 0 (consumer start excluded).
@@ -147,23 +153,75 @@ async def drain(
             await prefill(channel, queue, task, body, n)
             probe = Probe(channel, queue)
             await probe.wait_ready(n)
-            proc = _consumer(cfg, kind, v, queue)
+            proc = _consumer(cfg, kind, v.url, queue)
             load = loadavg()
             async with running(proc):
-                result: dict[str, Any] = dict(await _time_drain(probe, n, proc, cfg.poll, profiler))
+                result: dict[str, Any] = dict(await time_drain(probe, n, proc, cfg.poll, profiler))
                 result["ack_confirm_s"] = await v.wait_all_acked(queue)
                 result["memory"] = memory(proc.pid)
             result["loadavg"] = load
             return result
 
 
-def _consumer(cfg: Config, kind: str, v: Vhost, queue: str) -> Proc:
+def _consumer(cfg: Config, kind: str, url: str, queue: str) -> Proc:
     if kind == "hutch":
-        return hutch_worker(v.url, queue, cfg.concurrency)
+        return hutch_worker(url, queue, cfg.concurrency)
     if kind == "hutch-prefetch":
         buffer = max(0, cfg.bare_prefetch - cfg.concurrency)
-        return hutch_worker(v.url, queue, cfg.concurrency, "--prefetch-buffer", str(buffer))
-    return bare_process("consume", v.url, queue, "--prefetch", str(cfg.bare_prefetch))
+        return hutch_worker(url, queue, cfg.concurrency, "--prefetch-buffer", str(buffer))
+    return bare_process("consume", url, queue, "--prefetch", str(cfg.bare_prefetch))
+
+
+# -- start-up ----------------------------------------------------------------------------------
+
+
+async def time_startup(
+    make: Callable[[str], Proc], v: Vhost, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Spawn ``make(url)`` through an `AckWatch`; seconds from the spawn to its first ack.
+
+    The queue holds exactly one message, so the first ``basic.ack`` the consumer sends is that
+    task's: the clock stops when the ack reaches the broker, the moment the task is done for it.
+    """
+    watch = AckWatch()
+    port = await watch.start()
+    try:
+        proc = make(v.url_via(port))
+        load = loadavg()
+        spawned = time.perf_counter()
+        async with running(proc):
+            deadline = spawned + timeout
+            while not watch.first_ack.done():
+                proc.check_alive()
+                if time.perf_counter() > deadline:
+                    code = await proc.terminate()  # its last words, too, go into the error
+                    raise BenchError(
+                        f"{proc.label}: no ack {timeout:g}s after spawn ({watch.connections} "
+                        f"connection(s), {watch.sent} bytes sent; exit code {code} on SIGTERM)"
+                        f"\n{proc.tail()}"
+                    )
+                await asyncio.wait({watch.first_ack}, timeout=0.05)
+            acked = watch.first_ack.result()
+    finally:
+        await watch.close()
+    connected = watch.connected if watch.connected is not None else acked
+    return {
+        "seconds": acked - spawned,
+        "connect_s": connected - spawned,  # spawn to the first connection: imports, set-up
+        "loadavg": load,
+    }
+
+
+async def startup(cfg: Config, kind: str) -> dict[str, Any]:
+    """One task waiting in a fresh queue; spawn a hutch worker (or the bare consumer); time it."""
+    body = protocol.encode_request(MSGPACK, [], {})
+    async with vhost(delete_in_background=cfg.quick) as v:
+        queue = queue_name()
+        async with confirming_channel(v.url) as (_, channel):
+            await topology.declare(channel, queue)
+            await prefill(channel, queue, NOOP, body, 1)
+            await Probe(channel, queue).wait_ready(1)
+        return await time_startup(lambda url: _consumer(cfg, kind, url, queue), v)
 
 
 # -- multiprocessing.Pool baseline -------------------------------------------------------------
@@ -176,11 +234,11 @@ def pool_imap(iterations: int, n: int, workers: int, iters_per_ms: float) -> dic
     with context.Pool(workers) as pool:
         # Every worker up, with bench.tasks imported, before the clock starts.
         warm = max(1, round(iters_per_ms * 30))
-        pool.map(tasks.spin, [warm] * (workers * 2), chunksize=1)
+        pool.map(bodies.spin, [warm] * (workers * 2), chunksize=1)
         meter = CpuMeter(os.getpid())
         meter.start()
         started = time.perf_counter()
-        for _ in pool.imap_unordered(tasks.spin, [iterations] * n):
+        for _ in pool.imap_unordered(bodies.spin, [iterations] * n):
             pass
         seconds = time.perf_counter() - started
         cpu = meter.stop(n)
@@ -257,7 +315,7 @@ async def pool(cfg: Config, ms: float) -> dict[str, Any]:
 # -- round trips -------------------------------------------------------------------------------
 
 
-def _percentiles(latencies: list[float]) -> dict[str, float]:
+def percentiles(latencies: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return {
         "p50_ms": cuts[49] * 1000,
@@ -269,7 +327,11 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 async def roundtrip(cfg: Config, kind: str) -> dict[str, Any]:
-    """``cfg.calls`` sequential calls of noop; ``kind``: hutch, bare or bare-confirm."""
+    """``cfg.calls`` sequential calls of noop.
+
+    ``kind``: hutch, bare (reply on an exclusive queue), bare-confirm (the same, the server
+    confirming each reply before its ack) or bare-direct (RabbitMQ's direct reply-to).
+    """
     async with vhost(delete_in_background=cfg.quick) as v:
         queue = queue_name()
         async with confirming_channel(v.url) as (_, channel):
@@ -285,8 +347,8 @@ async def roundtrip(cfg: Config, kind: str) -> dict[str, Any]:
                 if kind == "hutch":
                     latencies = await _hutch_calls(cfg, v.url, queue)
                 else:
-                    latencies = await _bare_calls(cfg, v.url, queue)
-        result = _percentiles(latencies)
+                    latencies = await _bare_calls(cfg, v.url, queue, direct=kind == "bare-direct")
+        result = percentiles(latencies)
         result["loadavg"] = load
         return result
 
@@ -307,11 +369,19 @@ async def _hutch_calls(cfg: Config, url: str, queue: str) -> list[float]:
         return await _timed(cfg.calls, cfg.call_warmup, lambda: client.call(NOOP))
 
 
-async def _bare_calls(cfg: Config, url: str, queue: str) -> list[float]:
-    """Request/reply with plain aio-pika: confirmed publish, reply on an exclusive queue."""
+async def _bare_calls(cfg: Config, url: str, queue: str, *, direct: bool) -> list[float]:
+    """Request/reply with plain aio-pika: confirmed publish, reply on an exclusive queue.
+
+    ``direct``: the reply comes through RabbitMQ's direct reply-to instead, the pseudo-queue
+    ``amq.rabbitmq.reply-to`` consumed with no_ack on the publishing channel (no queue at all:
+    the broker hands the reply straight to this channel), the fastest RPC path it offers.
+    """
     body = protocol.encode_request(MSGPACK, [], {})
     async with confirming_channel(url) as (_, channel):
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        if direct:
+            replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        else:
+            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
         waiting: dict[str, asyncio.Future[bytes]] = {}
 
         async def on_reply(message: AbstractIncomingMessage) -> None:
@@ -381,7 +451,7 @@ async def footprint(cfg: Config, kind: str) -> dict[str, Any]:
         queue = queue_name()
         async with confirming_channel(v.url) as (_, channel):
             await topology.declare(channel, queue)
-            proc = _consumer(cfg, kind, v, queue)
+            proc = _consumer(cfg, kind, v.url, queue)
             async with running(proc):
                 probe = Probe(channel, queue)
                 await probe.wait_consumer(proc)
