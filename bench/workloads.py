@@ -294,7 +294,7 @@ async def hutch_pool(cfg: Config, task: str, args: list[Any], n: int) -> dict[st
                     deliveries=0,
                     redelivered=False,
                     want_result=False,
-                    delivery=None,
+                    delivery=None,  # type: ignore[arg-type]  # no broker in this run
                 )
             )
         async with asyncio.timeout(120 + n):

@@ -16,8 +16,8 @@ import pytest
 from service.client import AsyncClient
 from service.commands import UsageError
 from service.commands.map import envelope, read_arguments
-from service.errors import TaskError
 from service.commands.progress import Progress
+from service.errors import TaskError
 from tests.cli_helpers import ROOT, hutch, hutch_env, no_traceback
 from tests.conftest import Broker, Vhost
 
