@@ -7,9 +7,9 @@ a host hoard long tasks that other hosts could be running (Celery's prefetch mul
 the buffer holds about ``seconds`` of *measured* work per child: hundreds of deliveries for
 sub-millisecond tasks, the minimum for tasks that take seconds.
 
-The estimate rises at once and falls slowly: one slow task (or a running one that is already
-older than the estimate) shrinks the window immediately, while a run of fast ones grows it over
-a few dozen samples.
+The estimate rises at once and falls slowly: one slow task (of `RISE_AT_ONCE` or more, or a
+running one that is already older than the estimate) shrinks the window immediately, while a
+run of fast ones grows it over a few dozen samples.
 
 Applying a new window is not free: RabbitMQ (3.10 at least) applies ``basic.qos`` only to
 consumers registered after it on a quorum queue, so a resize re-consumes, and a delivery in
@@ -40,6 +40,15 @@ log = logging.getLogger(__name__)
 
 MAX_PREFETCH = 1000  # RabbitMQ's own guidance: past a few hundred, prefetch buys nothing
 _FALL = 0.2  # weight of a sample below the estimate
+# A run at least this long moves the estimate up at once: a slow task must not be hoarded
+# behind. A shorter one counts for at most four times the estimate, half-weighted: on a busy
+# host a sub-millisecond task now and then takes a few milliseconds (its child was preempted),
+# and answering that with a window a tenth the size cost a third of a no-op drain's throughput.
+# A real change to slower short tasks still shows within a few samples, and holding 0.1 s of
+# them hoards nothing.
+RISE_AT_ONCE = 0.05
+_RISE = 0.5  # weight of a shorter sample above the estimate
+_RISE_CLIP = 4.0  # a shorter sample above the estimate counts for at most this many times it
 
 
 class PrefetchWindow:
@@ -68,18 +77,28 @@ class PrefetchWindow:
     def observe(self, run_seconds: float) -> bool:
         """Take the run time of one finished task; True if the estimate at least doubled (the
         window may have to halve now: smaller moves can wait for the next periodic look)."""
-        if self.estimate is None or run_seconds > self.estimate:
-            doubled = self.estimate is None or run_seconds >= 2 * self.estimate
+        old = self.estimate
+        if old is None:
             self.estimate = run_seconds
-            return doubled
-        self.estimate += _FALL * (run_seconds - self.estimate)
-        return False
+            return True
+        if run_seconds <= old:
+            self.estimate = old + _FALL * (run_seconds - old)
+        elif run_seconds >= RISE_AT_ONCE:
+            self.estimate = run_seconds
+        else:
+            self.estimate = old + _RISE * (min(run_seconds, _RISE_CLIP * old) - old)
+        return self.estimate >= 2 * old
 
     def size(self, longest_running: float = 0.0) -> int:
-        """The window now; ``longest_running`` is the age of the oldest task still running."""
+        """The window now; ``longest_running`` is the age of the oldest task still running.
+
+        A running task counts once it is `RISE_AT_ONCE` old: younger, its age says more about
+        how busy the parent's loop is than about the task.
+        """
         if self.estimate is None or self.seconds <= 0:
             return self.minimum
-        per_task = max(self.estimate, longest_running, 1e-6)
+        running = longest_running if longest_running >= RISE_AT_ONCE else 0.0
+        per_task = max(self.estimate, running, 1e-6)
         buffer = math.ceil(self.seconds * self.concurrency / per_task)
         return max(self.minimum, min(self.maximum, self.concurrency + buffer))
 

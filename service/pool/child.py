@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO, Final
@@ -24,7 +25,7 @@ from service import protocol
 from service.context import TaskContext, _set_current
 from service.errors import EncodeError, ProtocolError, SoftTimeLimitExceeded
 from service.pool.jobs import Outcome, OutcomeKind
-from service.pool.pipe import HEADER, READY, JobFrame, ResultFrame, frame
+from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame, frame
 from service.protocol import Reason
 from service.registry import TaskSpec, import_task_modules, lookup
 
@@ -104,7 +105,14 @@ class Runner:
         except ProtocolError as exc:
             return _rejected(exc.reason, exc.detail)
         _set_current(
-            TaskContext(job.message_id, job.task, job.attempt, job.deliveries, job.redelivered)
+            TaskContext(
+                job.message_id,
+                job.task,
+                job.attempt,
+                job.deliveries,
+                job.redelivered,
+                **TaskContext.times(job.headers),
+            )
         )
         try:
             value = self._call(spec, args, kwargs)
@@ -204,10 +212,13 @@ def serve(reader: BinaryIO, writer: BinaryIO, runner: Runner) -> None:
         body = _read_exact(reader, HEADER.unpack(header)[0])
         if body is None:
             return
+        started = time.perf_counter()
         job = JobFrame.unpack(body)
         outcome = runner.run(job)
+        ran = time.perf_counter() - started
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        result = ResultFrame(job.job_id, outcome, usage.ru_utime + usage.ru_stime, rss.bytes())
+        cpu = usage.ru_utime + usage.ru_stime
+        result = ResultFrame(job.job_id, outcome, cpu, rss.bytes(), ran)
         writer.write(result.pack())
         writer.flush()
 
@@ -236,7 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    import_task_modules(m for m in opts.tasks.split(",") if m)
+    try:
+        import_task_modules(m for m in opts.tasks.split(",") if m)
+    except BaseException as exc:  # said once, by the parent, which reads it from the pipe
+        error_type, message = _describe(exc)
+        writer.write(frame(FAILED + f"{error_type}: {message}".encode()))
+        writer.flush()
+        os._exit(1)
     serve(reader, writer, Runner(max_depth=opts.max_depth, max_result_size=opts.max_result_size))
 
 

@@ -23,6 +23,8 @@ from service.protocol import Reason
 
 HEADER: Final = struct.Struct("!I")
 READY: Final = b"ready"
+# Instead of READY when the task modules do not import: this prefix, then the error as text.
+FAILED: Final = b"failed: "
 
 
 def frame(data: bytes) -> bytes:
@@ -42,6 +44,7 @@ class JobFrame:
     deliveries: int
     redelivered: bool
     want_result: bool
+    headers: dict[str, Any]
 
     @classmethod
     def from_job(cls, job: Job) -> JobFrame:
@@ -55,6 +58,7 @@ class JobFrame:
             deliveries=job.deliveries,
             redelivered=job.redelivered,
             want_result=job.want_result,
+            headers=job.headers,
         )
 
     def pack(self) -> bytes:
@@ -70,6 +74,7 @@ class JobFrame:
                     self.deliveries,
                     self.redelivered,
                     self.want_result,
+                    self.headers,
                 )
             )
         )
@@ -87,6 +92,7 @@ class ResultFrame:
     outcome: Outcome
     cpu_seconds: float = 0.0  # the child's total CPU time so far
     rss_bytes: int = 0  # the child's resident memory after the job
+    run_seconds: float = 0.0  # wall time of the job in the child, from reading it to its result
 
     def pack(self) -> bytes:
         o = self.outcome
@@ -102,6 +108,7 @@ class ResultFrame:
                     o.reason.value if o.reason is not None else None,
                     self.cpu_seconds,
                     self.rss_bytes,
+                    self.run_seconds,
                 )
             )
         )
@@ -109,7 +116,7 @@ class ResultFrame:
     @classmethod
     def unpack(cls, data: bytes) -> ResultFrame:
         fields: list[Any] = msgpack.unpackb(data)
-        job_id, kind, payload, error_type, error_message, retryable, reason, cpu, rss = fields
+        job_id, kind, payload, error_type, error_message, retryable, reason, cpu, rss, run = fields
         outcome = Outcome(
             OutcomeKind(kind),
             payload,
@@ -118,4 +125,4 @@ class ResultFrame:
             retryable,
             Reason(reason) if reason is not None else None,
         )
-        return cls(job_id, outcome, cpu, rss)
+        return cls(job_id, outcome, cpu, rss, run)

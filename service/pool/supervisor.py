@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from service.errors import PoolStartError
 from service.logs import task_fields
 from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
-from service.pool.pipe import HEADER, READY, JobFrame, ResultFrame
+from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame
 from service.pool.pipelining import TOP_UP_BELOW, Pipelining
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class Pool:
     Idle children are filled first; more jobs go to a child only behind short ones (see
     `service.pool.pipelining`). The module docstring draws where a job is at each step.
 
+    Outcomes go to ``on_done(job, outcome)`` (a keyword argument, or the attribute, set before
+    the first job is submitted).
+
     Options (keyword arguments):
 
     - ``size``: number of children.
@@ -140,7 +143,6 @@ class Pool:
         modules: Sequence[str],
         *,
         size: int,
-        on_done: Callable[[Job, Outcome], None],
         time_limit: float,
         max_depth: int,
         max_result_size: int,
@@ -148,12 +150,13 @@ class Pool:
         max_tasks_per_child: int = 0,
         max_memory_per_child: int = 0,
         on_restart: Callable[[RestartReason], None] | None = None,
+        on_done: Callable[[Job, Outcome], None] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self.size = size
         self._modules = list(modules)
-        self._on_done = on_done
+        self.on_done = on_done or _unwired
         self._on_restart = on_restart
         self._time_limit = time_limit
         self._max_depth = max_depth
@@ -251,7 +254,7 @@ class Pool:
         if dropped:
             self._pending = deque(job for job in self._pending if not doomed(job))
         for job in dropped:
-            self._on_done(job, Outcome(OutcomeKind.RETURNED))
+            self.on_done(job, Outcome(OutcomeKind.RETURNED))
         for child in self._children:
             hit = {job for job in child.jobs if doomed(job)}
             if hit:
@@ -321,6 +324,11 @@ class Pool:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             code = await proc.wait()
+            if hello.startswith(FAILED):
+                raise PoolStartError(
+                    f"a pool child cannot import the task modules {','.join(self._modules)}: "
+                    + hello[len(FAILED) :].decode("utf-8", "replace")
+                )
             raise PoolStartError(
                 f"pool child exited with code {code} before it was ready; "
                 f"check that the task modules {self._modules} import cleanly (see stderr)"
@@ -417,9 +425,12 @@ class Pool:
         held = child.tasks_done + len(child.jobs) + extra
         return not (self._max_tasks and held >= self._max_tasks)
 
-    def _finished(self, job: Job) -> None:
-        """``job`` has ended (result, time-out or crash): record how long it ran."""
-        job.run_seconds = self._loop.time() - job.started
+    def _finished(self, job: Job, run_seconds: float | None = None) -> None:
+        """``job`` has ended: record how long it ran, as its child measured it (a result), or
+        since it became its child's head (a time-out or crash: the child cannot say). The
+        child's figure excludes the wait for the parent to read the result and send the next
+        job, which on a busy loop is longer than a short task itself."""
+        job.run_seconds = self._loop.time() - job.started if run_seconds is None else run_seconds
         self.pipelining.observe(job.spec.name, job.run_seconds)
 
     def _write(self, child: _Child, jobs: list[Job]) -> None:
@@ -464,7 +475,7 @@ class Pool:
         if child.timer is not None:
             child.timer.cancel()
             child.timer = None
-        self._finished(job)
+        self._finished(job, result.run_seconds)
         if child.jobs:  # the child started the next job right after sending this result
             self._start_head(child)
         child.tasks_done += 1
@@ -473,7 +484,7 @@ class Pool:
         child.rss = result.rss_bytes
         if child.tasks_done == 1:
             child.baseline_rss = result.rss_bytes
-        self._on_done(job, result.outcome)
+        self.on_done(job, result.outcome)
         self._maybe_retire(child)
         self._dispatch()
 
@@ -498,10 +509,10 @@ class Pool:
             reason = RestartReason.ABORT
             for job in jobs:
                 if job in child.doomed:
-                    self._on_done(job, Outcome(OutcomeKind.RETURNED))
+                    self.on_done(job, Outcome(OutcomeKind.RETURNED))
                 elif job is child.timed_out:  # its limit passed before the abort: its fault
                     reason = RestartReason.TIMEOUT
-                    self._on_done(job, self._timeout(job))
+                    self.on_done(job, self._timeout(job))
                 else:
                     bystanders.append(job)
         elif jobs:
@@ -525,7 +536,7 @@ class Pool:
                     first.message_id,
                     extra=task_fields(first.spec.name, first.message_id, first.attempt),
                 )
-            self._on_done(first, outcome)
+            self.on_done(first, outcome)
         elif child.retiring is not None:
             reason = child.retiring
         elif self._closing:
@@ -535,7 +546,7 @@ class Pool:
             log.error("idle pool child %d died: %s", child.pid, _describe_exit(code))
         if self._closing:  # no child will run them: hand them back
             for job in bystanders:
-                self._on_done(job, Outcome(OutcomeKind.RETURNED))
+                self.on_done(job, Outcome(OutcomeKind.RETURNED))
         else:
             for job in reversed(bystanders):
                 job.id, job.started = 0, 0.0
@@ -552,6 +563,10 @@ class Pool:
             error_type="TimeLimitExceeded",
             error_message=f"hard time limit of {limit:g}s exceeded",
         )
+
+
+def _unwired(job: Job, outcome: Outcome) -> None:
+    raise RuntimeError("Pool.on_done was not set before a job finished")
 
 
 def _describe_exit(code: int) -> str:
