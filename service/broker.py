@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -24,36 +22,14 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from service.errors import BrokerConnectionError, ConfigError, PublishError
+from service.errors import BrokerConnectionError, PublishError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 
 # Heartbeats every 5 s detect a stalled link in about 18 s (aiormq gives up after
 # 3 * (heartbeat + 1) s); the server's suggested 60 s would take three minutes.
 HEARTBEAT = 5
-
-
-def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
-    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
-
-    Shared by the worker, the client and the operator commands; raises `ConfigError`.
-    """
-    environ = os.environ if environ is None else environ
-    url = environ.get("HUTCH_BROKER_URL")
-    if url:
-        return url
-    path = environ.get("HUTCH_BROKER_URL_FILE")
-    if path:
-        try:
-            with open(path) as url_file:
-                return url_file.read().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
-            ) from None
-    return DEFAULT_BROKER_URL
 
 
 def vhost_of(url: str) -> str:

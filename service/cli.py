@@ -14,16 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from service import __version__
-from service.commands import call as call_command
-from service.commands import dlq as dlq_command
-from service.commands import inspect as inspect_command
-from service.commands import map as map_command
 from service.errors import ConfigError, HutchError, PoolStartError
 from service.logs import configure as configure_logging
 from service.settings import add_arguments, load
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, worker_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; with ``worker_only``, just ``hutch worker``: the service starts
+    without importing the other commands (the AMQP client and the operator tools)."""
     parser = argparse.ArgumentParser(
         prog="hutch", description="Run CPU-heavy Python tasks from RabbitMQ on every core."
     )
@@ -39,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(worker)
     worker.set_defaults(run=_worker)
-    for command in (call_command, dlq_command, inspect_command, map_command):
-        command.add_parser(commands)
+    if not worker_only:
+        from service.commands import call, dlq, inspect, map, schedule
+
+        for command in (call, dlq, inspect, map, schedule):
+            command.add_parser(commands)
     return parser
 
 
@@ -63,7 +64,8 @@ def _worker(options: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(worker_only=argv[:1] == ["worker"])
     options = parser.parse_args(argv)
     try:
         return int(options.run(options))

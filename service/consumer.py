@@ -198,6 +198,11 @@ class Consumer:
         log.debug("prefetch window %d -> %d on %r", before, prefetch, self._queue_name)
 
     @property
+    def url(self) -> str:
+        """The broker URL, password masked."""
+        return safe_url(self._url)
+
+    @property
     def tag(self) -> str | None:
         """The consumer tag deliveries come to now."""
         return self._tag

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from service.broker import DEFAULT_BROKER_URL, broker_url_from_env
 from service.cpus import usable_cpus
 from service.errors import ConfigError
 from service.registry import TaskSpec
 
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 T = TypeVar("T")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -292,3 +292,24 @@ def load(
     if "broker_url" not in values:
         values["broker_url"] = broker_url_from_env(environ)
     return Settings(**values)
+
+
+def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
+
+    Shared by the worker, the client and the operator commands; raises `ConfigError`.
+    """
+    environ = os.environ if environ is None else environ
+    url = environ.get("HUTCH_BROKER_URL")
+    if url:
+        return url
+    path = environ.get("HUTCH_BROKER_URL_FILE")
+    if path:
+        try:
+            with open(path) as url_file:
+                return url_file.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+    return DEFAULT_BROKER_URL

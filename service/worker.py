@@ -12,7 +12,11 @@ Observers (metrics.py, prefetch.py) are told what each stage did; none of them c
 back except `PrefetchControl`, which resizes the consumer's window.
 
 This module decides nothing about a message: every policy lives in its stage. What it does is
-the order of start-up (task modules, pool, metrics endpoint, consumer) and of the SIGTERM drain:
+the order of start-up and of the drain. Start-up: spawn the pool's children first, since each is
+a fresh interpreter that takes longer to boot than anything else; while they do, load the task
+modules and the broker side (the AMQP client is most of the parent's import time, which is why
+those stages are imported in `_build`, not at the top), serve the metrics endpoint, connect and
+declare; consume once the children are ready. The SIGTERM drain:
 stop receiving (basic.cancel); hand back deliveries still waiting in the parent (nack,
 uncounted); let the tasks the children hold (running, or queued behind a short one) finish
 until ``drain_timeout``, settling each as usual; then kill what is still running and hand it
@@ -27,20 +31,17 @@ import logging
 import os
 import signal
 import socket
+from typing import TYPE_CHECKING
 
-from service.acks import AckRouter, is_stale
-from service.admission import Intake
-from service.broker import Publisher, safe_url, vhost_of
-from service.consumer import Consumer
 from service.errors import ConfigError
-from service.health import HealthServer
-from service.metrics import Metrics
 from service.observer import Observers
 from service.pool.supervisor import Pool
-from service.prefetch import PrefetchControl, PrefetchWindow, WindowPolicy
 from service.registry import import_task_modules, registered
 from service.settings import Settings, parse_addr, time_limit_report
-from service.settle import Settler
+
+if TYPE_CHECKING:
+    from service.health import HealthServer
+    from service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,17 @@ class Worker:
         self._deadline_now = asyncio.Event()
 
     def _build(self) -> None:
-        """The stages, wired in flow order (see the module docstring)."""
+        """The broker-side stages, wired in flow order (see the module docstring)."""
+        # Imported here, once the children are booting (see the module docstring).
+        from service.acks import AckRouter
+        from service.admission import Intake
+        from service.broker import Publisher, vhost_of
+        from service.consumer import Consumer
+        from service.metrics import Metrics
+        from service.prefetch import PrefetchControl, PrefetchWindow, WindowPolicy
+        from service.scheduler import Scheduler
+        from service.settle import Settler
+
         s = self.settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
         self.metrics = Metrics(s.queue, vhost=vhost_of(s.broker_url))
@@ -63,21 +74,9 @@ class Worker:
         acks = AckRouter()
         # Stages report to the observers; the list is filled once every stage exists, since
         # the prefetch control observes the settler and acts on the consumer and the pool.
-        observers = Observers()
+        observers = self.observers
         self.settler = Settler(self.publisher, s.queue, acks=acks, observer=observers)
-        assert s.tasks is not None
-        self.pool = Pool(
-            s.tasks,
-            size=s.concurrency,
-            on_done=self.settler.finish,
-            time_limit=s.time_limit,
-            max_depth=s.max_depth,
-            max_result_size=s.max_result_size,
-            memory_limit=s.memory_limit,
-            max_tasks_per_child=s.max_tasks_per_child,
-            max_memory_per_child=s.max_memory_per_child,
-            on_restart=observers.on_restart,
-        )
+        self.pool.on_done = self.settler.finish
         self.intake = Intake(
             self.pool,
             self.settler,
@@ -103,11 +102,25 @@ class Worker:
         )
         observers.add(self.metrics)
         observers.add(self.prefetch)
+        schedules = [spec.periodic() for spec in registered().values()]
+        self.scheduler: Scheduler | None = None
+        if any(schedules):
+            self.scheduler = Scheduler(
+                s.broker_url,
+                s.queue,
+                [schedule for schedule in schedules if schedule is not None],
+                observer=observers,
+                name=name + " schedule",
+            )
+            for schedule in self.scheduler.schedules.values():
+                self.metrics.add_schedule(schedule)
         self.metrics.watch(self.pool, self.consumer, ready=lambda: self.ready()[0])
         for task in registered():
             self.metrics.add_task(task)
 
     def _on_connection_lost(self) -> None:
+        from service.acks import is_stale
+
         # A delivery from a closed channel can never be acked, and the broker has already
         # requeued it: stop its job now rather than finish work whose result is discarded.
         self.pool.abort(lambda job: is_stale(job.delivery))
@@ -123,10 +136,31 @@ class Worker:
     async def run(self) -> int:
         s = self.settings
         assert s.tasks is not None
-        import_task_modules(s.tasks)
-        if not registered():
-            log.error("no @task functions found in %s", ", ".join(s.tasks))
-            return 2
+        loop = asyncio.get_running_loop()
+        self.observers = Observers()
+        self.pool = Pool(
+            s.tasks,
+            size=s.concurrency,
+            time_limit=s.time_limit,
+            max_depth=s.max_depth,
+            max_result_size=s.max_result_size,
+            memory_limit=s.memory_limit,
+            max_tasks_per_child=s.max_tasks_per_child,
+            max_memory_per_child=s.max_memory_per_child,
+            on_restart=self.observers.on_restart,
+        )
+        starting = loop.create_task(self.pool.start())
+        await asyncio.sleep(0)  # the children are being spawned
+        try:
+            import_task_modules(s.tasks)
+            if not registered():
+                log.error("no @task functions found in %s", ", ".join(s.tasks))
+                await self._abandon(starting)
+                return 2
+            self._build()
+        except BaseException:
+            await self._abandon(starting)
+            raise
         info, warnings = time_limit_report(s, registered().values())
         log.info("%s", info)
         for warning in warnings:
@@ -136,18 +170,17 @@ class Worker:
                 "TLS CERTIFICATE VERIFICATION IS OFF (HUTCH_INSECURE_TLS): anyone on the path "
                 "to the broker can read and forge tasks"
             )
-        self._build()
-        loop = asyncio.get_running_loop()
-        # The children boot while the consumer connects and declares; it starts consuming
-        # once they are ready.
+        # The consumer connects and declares while the children finish booting; it starts
+        # consuming once they are ready.
         consuming = loop.create_task(self.consumer.run())
         try:
             health = await self._serve_health()
-            await self.pool.start()
+            await starting
         except BaseException:
             self.consumer.close()
             await consuming
             await self.publisher.close()
+            await self._abandon(starting)
             raise
         self.consumer.resume()
         # prometheus-client loads off the start-up path, before the first scrape needs it.
@@ -157,17 +190,24 @@ class Worker:
             s.concurrency,
             s.queue,
             ", ".join(sorted(registered())),
-            safe_url(s.broker_url),
+            self.consumer.url,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         watching = loop.create_task(self.prefetch.watch())
+        scheduling = loop.create_task(self.scheduler.run()) if self.scheduler else None
         try:
             await self._stop.wait()
+            if self.scheduler is not None and scheduling is not None:
+                self.scheduler.close()  # its baton goes to another worker at once
+                await scheduling
             await self.drain()
         finally:
             await preparing
             watching.cancel()
+            if self.scheduler is not None and scheduling is not None:
+                self.scheduler.close()
+                await scheduling
             self.consumer.close()
             await consuming
             await self.publisher.close()
@@ -176,7 +216,15 @@ class Worker:
                 await health.close()
         return 0
 
+    async def _abandon(self, starting: asyncio.Task[None]) -> None:
+        """Start-up failed: stop the children, started or starting."""
+        with contextlib.suppress(Exception):
+            await starting
+        await self.pool.close(timeout=0)
+
     async def _serve_health(self) -> HealthServer | None:
+        from service.health import HealthServer
+
         addr = self.settings.metrics_addr
         if addr == "off":
             return None

@@ -25,9 +25,10 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from service import protocol, topology
-from service.broker import CONNECTION_ERRORS, broker_url_from_env, connect, safe_url, vhost_of
+from service.broker import CONNECTION_ERRORS, connect, safe_url, vhost_of
 from service.client import Client
 from service.errors import ConfigError, UsageError
+from service.settings import broker_url_from_env
 
 CONNECT_TIMEOUT = 15.0
 
