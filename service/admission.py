@@ -7,11 +7,13 @@ dead-lettered with its reason at once, never run and never requeued.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from service import protocol
 from service.delivery import Delivery
+from service.errors import ProtocolError
 from service.observer import Observer
 from service.pool.jobs import Job
 from service.protocol import Reason
@@ -33,8 +35,18 @@ class Refusal:
     task: str | None = None
 
 
-def admit(message: Delivery, *, max_body_size: int, max_deliveries: int) -> Job | Refusal:
-    """Build a job from a delivery, or say why it must not run."""
+@dataclass(frozen=True, slots=True)
+class Postponement:
+    """A delivery whose ETA is still ahead: it goes back into the broker-held delay."""
+
+    eta: int  # Unix ms
+    task: str
+
+
+def admit(
+    message: Delivery, *, max_body_size: int, max_deliveries: int, now_ms: int | None = None
+) -> Job | Refusal | Postponement:
+    """Build a job from a delivery, or say why it must not run (yet)."""
     name = message.headers.get(protocol.TASK_HEADER)
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
@@ -63,6 +75,11 @@ def admit(message: Delivery, *, max_body_size: int, max_deliveries: int) -> Job 
             f"body is {len(message.body)} bytes, over the {max_body_size}-byte cap",
             task,
         )
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    try:
+        eta = protocol.eta_of(message.headers, now_ms)
+    except ProtocolError as exc:
+        return Refusal(exc.reason, exc.detail, task)
     deliveries = protocol.int_header(message.headers, "x-delivery-count") or 0
     if deliveries >= max_deliveries:
         return Refusal(
@@ -72,6 +89,9 @@ def admit(message: Delivery, *, max_body_size: int, max_deliveries: int) -> Job 
             "or its result cannot be published",
             task,
         )
+    if eta is not None and eta > now_ms:
+        return Postponement(eta, spec.name)
+    headers = message.headers
     return Job(
         spec=spec,
         content_type=content_type,
@@ -82,12 +102,17 @@ def admit(message: Delivery, *, max_body_size: int, max_deliveries: int) -> Job 
         redelivered=bool(message.redelivered),
         want_result=bool(message.reply_to),
         delivery=message,
+        headers={name: headers[name] for name in protocol.CHILD_HEADERS if name in headers},
     )
 
 
 def runnable_since(message: Delivery) -> float | None:
-    """Unix time the message became runnable: a retry's due time, else its publish time."""
-    due = protocol.int_header(message.headers, protocol.DUE_HEADER)
+    """Unix time the message became runnable: a retry's due time or a delayed task's ETA,
+    else its publish time."""
+    headers = message.headers
+    due = protocol.int_header(headers, protocol.DUE_HEADER)
+    if due is None:
+        due = protocol.int_header(headers, protocol.ETA_HEADER)
     if due is not None:
         return due / 1000
     return message.timestamp.timestamp() if message.timestamp else None
@@ -130,11 +155,23 @@ class Intake:
         verdict = admit(
             message, max_body_size=self._max_body_size, max_deliveries=self._max_deliveries
         )
-        task = verdict.task if isinstance(verdict, Refusal) else verdict.spec.name
-        self._observer.on_received(
-            task, redelivered=bool(message.redelivered), runnable_since=runnable_since(message)
-        )
-        if isinstance(verdict, Refusal):
+        if isinstance(verdict, Job):
+            self._observer.on_received(
+                verdict.spec.name,
+                redelivered=bool(message.redelivered),
+                runnable_since=runnable_since(message),
+            )
+            self._pool.submit(verdict)
+        elif isinstance(verdict, Refusal):
+            self._observer.on_received(
+                verdict.task,
+                redelivered=bool(message.redelivered),
+                runnable_since=runnable_since(message),
+            )
             self._settler.refuse(message, verdict)
         else:
-            self._pool.submit(verdict)
+            # Not runnable yet: no queue wait to speak of.
+            self._observer.on_received(
+                verdict.task, redelivered=bool(message.redelivered), runnable_since=None
+            )
+            self._settler.postpone(message, verdict.eta)

@@ -30,16 +30,16 @@ from typing import Any, Final, Self, TypeVar
 
 import aio_pika
 import aiormq.abc
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service import protocol, topology
-from service.broker import broker_url_from_env, connect, open_channel
+from service.broker import connect, open_channel
 from service.errors import HutchError, ProtocolError, TaskError
-from service.registry import name_of
+from service.flow import Step, TaskRef, step
+from service.settings import broker_url_from_env
 
 T = TypeVar("T")
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
-TaskRef = Callable[..., Any] | str
 
 
 class AsyncClient:
@@ -76,6 +76,8 @@ class AsyncClient:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._listening = False  # consuming direct replies on the current channel
+        self._declared: set[str] = set()  # queues declared on this connection
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._reply_lock = asyncio.Lock()
 
@@ -87,6 +89,8 @@ class AsyncClient:
                 self._connection, publisher_confirms=True, on_return_raises=True
             )
             await topology.declare(self._channel, self.queue)
+            self._declared = {self.queue}
+            self._exchanges = {}
         return self
 
     async def close(self) -> None:
@@ -108,13 +112,18 @@ class AsyncClient:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def submit(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> str:
-        """Publish a task and wait for the broker's confirm; returns the task id."""
-        return await self._publish(task, args, kwargs, reply_to=None)
+    async def submit(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> str:
+        """Publish a task and wait for the broker's confirm; returns the task id.
 
-    async def call(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> Any:
-        """Run a task and return its result; raises `TaskError` if it failed."""
-        return await self._call(task, args, kwargs)
+        ``task`` is a task (function or name) called with ``args`` and ``kwargs``, or a
+        `service.step` with its own arguments and options (a countdown or ETA, another queue).
+        """
+        return await self._publish(_step(task, args, kwargs), reply_to=None)
+
+    async def call(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> Any:
+        """Run a task and return its result; raises `TaskError` if it failed. ``task`` as for
+        `submit`; a delayed step's result comes once it has run (mind ``timeout``)."""
+        return await self._call(_step(task, args, kwargs))
 
     async def map(
         self,
@@ -150,7 +159,7 @@ class AsyncClient:
         async def one(index: int, args: Iterable[Any]) -> Any:
             async with gate:
                 try:
-                    result = await self._call(task, tuple(args), {})
+                    result = await self._call(_step(task, tuple(args), {}))
                 except Exception as exc:
                     if on_result is not None:
                         on_result(index, exc)
@@ -164,41 +173,57 @@ class AsyncClient:
             return_exceptions=return_exceptions,
         )
 
-    async def _call(self, task: TaskRef, args: Any, kwargs: Any) -> Any:
+    async def _call(self, step: Step) -> Any:
         await self._listen()
         task_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
         try:
-            await self._publish(task, args, kwargs, reply_to=DIRECT_REPLY_TO, task_id=task_id)
+            await self._publish(step, reply_to=DIRECT_REPLY_TO, task_id=task_id)
             async with asyncio.timeout(self.timeout):
                 return await future
         finally:
             self._waiting.pop(task_id, None)
 
     async def _publish(
-        self,
-        task: TaskRef,
-        args: Any,
-        kwargs: Any,
-        *,
-        reply_to: str | None,
-        task_id: str | None = None,
+        self, step: Step, *, reply_to: str | None, task_id: str | None = None
     ) -> str:
         channel = await self._ready_channel()
+        queue = step.queue or self.queue
+        if queue not in self._declared:
+            await topology.declare_queue(channel, queue)
+            self._declared.add(queue)
         task_id = task_id or uuid.uuid4().hex
+        now = time.time()
+        headers: dict[str, Any] = {protocol.TASK_HEADER: step.task}
+        exchange, routing_key = channel.default_exchange, queue
+        eta = step.eta_ms(now)
+        if eta is not None and eta > now * 1000:
+            # Straight into the broker-held delay: no worker holds it, and none need run.
+            headers[protocol.ETA_HEADER] = eta
+            name, routing_key = topology.delay_routing_key(queue, (eta - now * 1000) / 1000)
+            exchange = await self._exchange(name)
+        elif eta is not None:
+            headers[protocol.ETA_HEADER] = eta
         message = aio_pika.Message(
-            protocol.encode_request(self.content_type, args, kwargs),
-            headers={protocol.TASK_HEADER: name_of(task)},
+            protocol.encode_request(self.content_type, step.args, step.kwargs),
+            headers=headers,
             content_type=self.content_type,
             message_id=task_id,
             correlation_id=task_id if reply_to else None,
             reply_to=reply_to,
-            timestamp=time.time(),
+            timestamp=now,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await channel.default_exchange.publish(message, self.queue, mandatory=True)
+        await exchange.publish(message, routing_key, mandatory=True)
         return task_id
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            channel = await self._ready_channel()
+            exchange = self._exchanges[name] = await channel.get_exchange(name, ensure=False)
+        return exchange
 
     async def consumer_count(self) -> int:
         """How many consumers (workers) the queue has right now."""
@@ -277,10 +302,10 @@ class Client:
         future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(wrapped(), self._loop)
         return future.result()
 
-    def submit(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> str:
+    def submit(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> str:
         return self._run(self._async.submit(task, *args, **kwargs))
 
-    def call(self, task: TaskRef, /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> Any:
         return self._run(self._async.call(task, *args, **kwargs))
 
     def map(
@@ -328,3 +353,11 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _step(task: TaskRef | Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Step:
+    if isinstance(task, Step):
+        if args or kwargs:
+            raise TypeError("a step carries its own arguments: pass step(task, *args, kwargs=...)")
+        return task
+    return step(task, *args, kwargs=kwargs)

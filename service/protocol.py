@@ -31,6 +31,8 @@ _JSON_CHARSETS: Final = frozenset({"utf-8", '"utf-8"'})
 TASK_HEADER: Final = "task"
 ATTEMPT_HEADER: Final = "x-hutch-attempt"
 DUE_HEADER: Final = "x-hutch-due"  # on a retry copy: Unix ms when its delay ends
+ETA_HEADER: Final = "x-hutch-eta"  # set by publishers: Unix ms before which the task must not run
+SLOT_HEADER: Final = "x-hutch-slot"  # on a schedule's fire: the slot it fires, Unix ms
 REASON_HEADER: Final = "x-hutch-reason"
 ERROR_TYPE_HEADER: Final = "x-hutch-error-type"
 ERROR_MESSAGE_HEADER: Final = "x-hutch-error-message"
@@ -40,6 +42,13 @@ DEAD_AT_HEADER: Final = "x-hutch-dead-lettered-at"
 REPLAY_OF_HEADER: Final = "x-hutch-replay-of"
 REPLAYED_AT_HEADER: Final = "x-hutch-replayed-at"
 REPLAYS_HEADER: Final = "x-hutch-replays"
+
+# Headers a pool child needs to tell a task about its delivery (`service.context`); only these
+# cross the pipe.
+CHILD_HEADERS: Final = (ETA_HEADER, SLOT_HEADER)
+# The furthest ahead an ETA may be: anything later is taken for a unit mistake (seconds for
+# milliseconds, or microseconds) and dead-lettered as bad_eta rather than held for decades.
+MAX_ETA_AHEAD_MS: Final = 365 * 24 * 3600 * 1000
 
 DEFAULT_MAX_DEPTH: Final = 32
 # Header values are truncated so one enormous error message cannot bloat every dead letter.
@@ -56,6 +65,7 @@ class Reason(StrEnum):
     BAD_ARGS = "bad_args"
     TOO_LARGE = "too_large"
     TOO_DEEP = "too_deep"
+    BAD_ETA = "bad_eta"
     FAILED = "failed"
     TIMEOUT = "timeout"
     DELIVERY_LIMIT = "delivery_limit"
@@ -78,6 +88,32 @@ def media_type(content_type: str | None) -> str | None:
     if equals and name.strip().lower() == "charset" and value.strip().lower() in _JSON_CHARSETS:
         return JSON
     return None
+
+
+def eta_of(headers: Mapping[str, Any] | None, now_ms: int) -> int | None:
+    """The ``x-hutch-eta`` of a message (Unix ms), None when it has none.
+
+    Raises `ProtocolError` (bad_eta) for a value that is not an integer, is negative, or lies
+    more than `MAX_ETA_AHEAD_MS` after ``now_ms``.
+    """
+    if not headers or ETA_HEADER not in headers:
+        return None
+    value = headers[ETA_HEADER]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(
+            Reason.BAD_ETA,
+            f"{ETA_HEADER} must be an integer of Unix milliseconds, got {type(value).__name__} "
+            f"{truncate(repr(value), 80)}",
+        )
+    if value < 0:
+        raise ProtocolError(Reason.BAD_ETA, f"{ETA_HEADER} is negative: {value}")
+    if value - now_ms > MAX_ETA_AHEAD_MS:
+        raise ProtocolError(
+            Reason.BAD_ETA,
+            f"{ETA_HEADER} {value} is more than 365 days ahead (milliseconds expected: "
+            "was it microseconds?)",
+        )
+    return value
 
 
 def int_header(headers: Mapping[str, Any] | None, name: str) -> int | None:

@@ -64,6 +64,7 @@ class Action(StrEnum):
 
     ACK = "ack"  # succeeded: result confirmed (if wanted), then ack
     RETRY = "retry"  # copy confirmed into a broker-held delay, then ack
+    DELAY = "delay"  # ETA ahead: copy confirmed into a broker-held delay until then, then ack
     DEAD_LETTER = "dead_letter"  # copy confirmed into Q.dlq, then ack
     REQUEUE = "requeue"  # reject(requeue=True): counted against the delivery limit
     RETURN = "return"  # nack(requeue=True): handed back through no fault of its own
@@ -170,6 +171,11 @@ class Settler:
             )
         )
 
+    def postpone(self, message: Delivery, eta_ms: int) -> None:
+        """A delivery whose ETA is ahead goes back into the broker-held delay, never held
+        unacked here: copy confirmed, then ack."""
+        self._track(self.delay(message, eta_ms))
+
     def give_back(self, message: Delivery) -> None:
         """Hand a delivery back to the queue, uncounted: it is not the message's fault."""
         self._track(self.requeue(message, counted=False))
@@ -261,21 +267,34 @@ class Settler:
         await self._ack(message, Action.ACK)
 
     async def retry(self, message: Delivery, attempt: int, delay: float) -> None:
-        if self._stale(message):
-            return
         headers = publisher_headers(message)
         headers[protocol.ATTEMPT_HEADER] = attempt
-        exchange, routing_key = topology.delay_routing_key(self.queue, delay)
         # When the copy is due again: its queue wait is measured from here, not from the
         # original publish, so backoff and earlier runs do not count as waiting.
         headers[protocol.DUE_HEADER] = int((time.time() + math.ceil(delay)) * 1000)
+        await self._delayed(message, headers, delay, Action.RETRY)
+
+    async def delay(self, message: Delivery, eta_ms: int) -> None:
+        headers = publisher_headers(message)
+        headers[protocol.DUE_HEADER] = eta_ms
+        # Whole seconds, rounded up: it never comes back before its ETA. Should a host's clock
+        # be behind, it comes back early by that much and is delayed again.
+        await self._delayed(message, headers, (eta_ms - time.time() * 1000) / 1000, Action.DELAY)
+
+    async def _delayed(
+        self, message: Delivery, headers: dict[str, Any], seconds: float, action: Action
+    ) -> None:
+        """Publish a copy into the delay topology for ``seconds`` (confirmed), then ack."""
+        if self._stale(message):
+            return
+        exchange, routing_key = topology.delay_routing_key(self.queue, seconds)
         try:
             await self._publish(copy_message(message, headers), routing_key, exchange=exchange)
         except PublishError as exc:
-            log.warning("retry of %s not confirmed (%s); requeueing", message.message_id, exc)
+            log.warning("%s of %s not confirmed (%s); requeueing", action, message.message_id, exc)
             await self.requeue(message, counted=False)
             return
-        await self._ack(message, Action.RETRY)
+        await self._ack(message, action)
 
     async def dead_letter(
         self,

@@ -161,3 +161,12 @@ def big_result(size: int) -> str:
 @task(max_attempts=1)
 def hog_memory(gib: int) -> int:
     return len(bytearray(gib << 30))
+
+
+@task
+def timed() -> dict[str, float | None]:
+    """Record when it started and the ETA it was delayed to (for tests/test_delays.py)."""
+    ctx = current_task()
+    eta = ctx.eta.timestamp() if ctx.eta else None
+    record("done", eta=eta)
+    return {"started": time.time(), "eta": eta}

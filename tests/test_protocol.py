@@ -427,6 +427,7 @@ def test_reasons_are_stable_strings() -> None:
         "bad_args",
         "too_large",
         "too_deep",
+        "bad_eta",
         "failed",
         "timeout",
         "delivery_limit",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from typing import Any
@@ -17,7 +18,8 @@ from service.commands import (
     say_if_unconsumed,
 )
 from service.errors import TaskError
-from service.settings import flag_type, positive_float
+from service.flow import step
+from service.settings import flag_type, non_negative_float, positive_float
 
 
 def add_parser(commands: Any) -> None:
@@ -37,7 +39,37 @@ def add_parser(commands: Any) -> None:
         help="seconds to wait for the result",
     )
     content_type_flag(parser, "publish the task as JSON instead of msgpack")
+    later = parser.add_mutually_exclusive_group()
+    later.add_argument(
+        "--countdown",
+        type=flag_type(non_negative_float),
+        metavar="SECONDS",
+        help="run it no sooner than this many seconds from now (held by the broker)",
+    )
+    later.add_argument(
+        "--eta",
+        type=flag_type(iso_instant),
+        metavar="ISO-DATETIME",
+        help="run it no sooner than this instant, with its UTC offset: 2027-01-01T08:00Z",
+    )
     parser.set_defaults(run=_call)
+
+
+def iso_instant(text: str) -> dt.datetime:
+    """An ISO 8601 date-time with its UTC offset (``Z`` or ``+02:00``)."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO date-time; write e.g. 2027-01-01T08:00Z or "
+            "2027-01-01T09:00+01:00"
+        ) from None
+    if when.tzinfo is None:
+        raise ValueError(
+            f"{text!r} has no UTC offset, so it names a different instant on every host; "
+            "add Z or +HH:MM"
+        )
+    return when
 
 
 def _arg(text: str) -> Any:
@@ -63,7 +95,15 @@ def _call(options: argparse.Namespace) -> int:
         say_if_unconsumed(client, queue)
         try:
             args = [_arg(text) for text in options.args]
-            result = client.call(options.task, *args, **dict(options.kwarg))
+            result = client.call(
+                step(
+                    options.task,
+                    *args,
+                    kwargs=dict(options.kwarg),
+                    countdown=options.countdown,
+                    eta=options.eta,
+                )
+            )
         except TaskError as exc:
             print(f"hutch: task failed: {exc.type}: {exc.message}", file=sys.stderr)
             return 1

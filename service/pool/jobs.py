@@ -7,9 +7,9 @@ to the broker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.protocol import Reason
 from service.registry import TaskSpec
@@ -52,9 +52,10 @@ class Job:
     """One delivery on its way through the pool.
 
     The first fields come from the message and never change. ``delivery`` is the consumer's
-    handle, used only to settle it. The pool fills in the rest: ``id`` when a child is sent
-    the job, ``started`` when the child starts it (loop time; 0 until then), ``run_seconds``
-    and ``cpu_seconds`` once it ends.
+    handle, used only to settle it; ``headers`` are the ones a task may learn about through
+    `service.context` (`service.protocol.CHILD_HEADERS`). The pool fills in the rest: ``id``
+    when a child is sent the job, ``started`` when the child starts it (loop time; 0 until
+    then), ``run_seconds`` and ``cpu_seconds`` once it ends.
     """
 
     spec: TaskSpec
@@ -66,6 +67,7 @@ class Job:
     redelivered: bool
     want_result: bool
     delivery: Delivery
+    headers: dict[str, Any] = field(default_factory=dict)  # the ones the child needs
     id: int = 0
     started: float = 0.0
     run_seconds: float = 0.0
