@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from service.context import TaskContext, current_task
 from service.errors import ConfigError, HutchError, SoftTimeLimitExceeded, TaskError
+from service.flow import Step, step
 from service.registry import task
+from service.schedules import every
 
 if TYPE_CHECKING:
     from service.client import AsyncClient, Client
@@ -26,10 +28,13 @@ __all__ = [
     "ConfigError",
     "HutchError",
     "SoftTimeLimitExceeded",
+    "Step",
     "TaskContext",
     "TaskError",
     "__version__",
     "current_task",
+    "every",
+    "step",
     "task",
 ]
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from service.observer import Observer
 from service.pool.jobs import RestartReason
 from service.protocol import Reason
+from service.schedules import Schedule
 from service.settle import Action, TaskOutcome
 
 if TYPE_CHECKING:
@@ -110,6 +111,11 @@ class Counts:
     task_cpu: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     restarts: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # reason
     last_success: float | None = None
+    # Schedules, by task: fires published, the slot last fired (Unix ms, known to the leader).
+    fires: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    last_fire: dict[str, int] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    leader: bool = False
 
 
 class Metrics(Observer):
@@ -212,3 +218,22 @@ class Metrics(Observer):
 
     def on_restart(self, reason: RestartReason) -> None:
         self.counts.restarts[reason.value] += 1
+
+    # -- schedules ------------------------------------------------------------------------
+
+    def add_schedule(self, schedule: Schedule) -> None:
+        """Export a schedule's series (fires at 0, its period) from the start."""
+        self.counts.fires[schedule.task] += 0
+        self.counts.schedules[schedule.task] = schedule
+
+    def on_leader(self, leading: bool) -> None:
+        self.counts.leader = leading
+        if not leading:
+            self.counts.last_fire.clear()  # the new leader exports it
+
+    def on_fire(self, task: str, slot_ms: int) -> None:
+        self.counts.fires[task] += 1
+        self.counts.last_fire[task] = slot_ms
+
+    def on_last_fire(self, task: str, slot_ms: int) -> None:
+        self.counts.last_fire[task] = slot_ms

@@ -2,10 +2,10 @@
 
 The stages call these hooks and never a metric directly: admission reports each delivery it
 received, settling how each run ended and what was done with the message, the pool each child
-it replaced. `service.metrics.Metrics` turns them into Prometheus series and
-`service.prefetch.PrefetchControl` sizes the prefetch window from them; tracing or extra logging
-would plug in here. Hooks run on the event loop, on the per-message path: they must not block
-or raise.
+it replaced, the scheduler its leadership and fires. `service.metrics.Metrics` turns them into
+Prometheus series and `service.prefetch.PrefetchControl` sizes the prefetch window from them;
+tracing or extra logging would plug in here. Hooks run on the event loop, on the per-message
+path: they must not block or raise.
 
 The enumerations are passed as themselves; what a label is called is the listener's business.
 """
@@ -41,6 +41,15 @@ class Observer:
     def on_restart(self, reason: RestartReason) -> None:
         """A pool child was replaced."""
 
+    def on_leader(self, leading: bool) -> None:
+        """This worker became, or stopped being, the leader of its queue's schedules."""
+
+    def on_fire(self, task: str, slot_ms: int) -> None:
+        """The leader fired ``task``'s schedule for ``slot_ms`` (published and confirmed)."""
+
+    def on_last_fire(self, task: str, slot_ms: int) -> None:
+        """A new leader learned from the baton when ``task`` last fired."""
+
 
 class Observers(Observer):
     """Several observers behind one, called in the order they were added."""
@@ -70,3 +79,15 @@ class Observers(Observer):
     def on_restart(self, reason: RestartReason) -> None:
         for observer in self._observers:
             observer.on_restart(reason)
+
+    def on_leader(self, leading: bool) -> None:
+        for observer in self._observers:
+            observer.on_leader(leading)
+
+    def on_fire(self, task: str, slot_ms: int) -> None:
+        for observer in self._observers:
+            observer.on_fire(task, slot_ms)
+
+    def on_last_fire(self, task: str, slot_ms: int) -> None:
+        for observer in self._observers:
+            observer.on_last_fire(task, slot_ms)

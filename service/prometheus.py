@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -214,6 +215,45 @@ class _CountsCollector(Collector):
             ["reason"],
             ((reason, n) for reason, n in c.restarts.items()),
         )
+        yield counter(
+            "hutch_schedule_fires",
+            "Fires of periodic tasks published by this worker while it led, by schedule.",
+            ["queue", "schedule"],
+            ((q, task, n) for task, n in c.fires.items()),
+        )
+        last_fire = GaugeMetricFamily(
+            "hutch_schedule_last_fire_timestamp_seconds",
+            "Slot (Unix time) of a schedule's last fire, as the leader knows it.",
+            labels=["queue", "schedule"],
+        )
+        for task, slot in c.last_fire.items():
+            last_fire.add_metric([q, task], slot / 1000)
+        yield last_fire
+        # From the last fire to the slot after it (the leader), else between the next two
+        # slots: a weekday schedule's period is 72 h over a weekend.
+        period = GaugeMetricFamily(
+            "hutch_schedule_period_seconds",
+            "Seconds from a schedule's last fire to its next slot.",
+            labels=["queue", "schedule"],
+        )
+        now = int(time.time() * 1000)
+        for task, schedule in c.schedules.items():
+            fired = c.last_fire.get(task)
+            seconds = (
+                (schedule.next_after(fired) - fired) / 1000
+                if fired is not None
+                else schedule.period(now)
+            )
+            period.add_metric([q, task], seconds)
+        yield period
+        leader = GaugeMetricFamily(
+            "hutch_schedule_leader",
+            "1 while this worker leads its queue's schedules.",
+            labels=["queue"],
+        )
+        if c.schedules:  # only a worker with schedules takes part
+            leader.add_metric([q], 1 if c.leader else 0)
+        yield leader
         last = GaugeMetricFamily(
             "hutch_last_success_timestamp_seconds",
             "Unix time of the last successful task.",

@@ -26,6 +26,10 @@ def test_readme_task_option_defaults_are_taskspecs() -> None:
     assert documented["time_limit"] == "worker's `--time-limit`" and defaults["time_limit"] is None
     backoff = [float(v) for v in documented["retry_backoff"].split(",")]
     assert backoff == [defaults["retry_backoff"], defaults["retry_backoff_max"]]
+    assert documented["schedule"] == "none" and defaults["schedule"] is None
+    assert documented["schedule_tz"] == defaults["schedule_tz"] == "UTC"
+    catchup, most = (v.strip() for v in documented["schedule_catchup"].split(","))
+    assert (catchup, int(most)) == (defaults["schedule_catchup"], defaults["schedule_catchup_max"])
 
 
 def test_architecture_map_lists_every_module() -> None:

@@ -706,11 +706,13 @@ async def test_children_import_no_amqp_client_and_no_metrics() -> None:
         assert result_of(await h.run(job("loaded_modules", ["service."]))) == [
             "service.context",
             "service.errors",
+            "service.flow",
             "service.pool",
             "service.pool.jobs",
             "service.pool.pipe",
             "service.protocol",
             "service.registry",
+            "service.schedules",
         ]
 
 

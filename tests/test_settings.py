@@ -368,8 +368,15 @@ def test_json_logs_carry_task_fields_and_no_secrets() -> None:
     from service.broker import safe_url
     from service.logs import JSONFormatter, task_fields
 
-    record = logging.LogRecord("service.settle", logging.WARNING, __file__, 1,
-                               "task failed at %s", (safe_url("amqp://u:hunter2@h/"),), None)
+    record = logging.LogRecord(
+        "service.settle",
+        logging.WARNING,
+        __file__,
+        1,
+        "task failed at %s",
+        (safe_url("amqp://u:hunter2@h/"),),
+        None,
+    )
     for key, value in task_fields("app.resize", "id-1", 2).items():
         setattr(record, key, value)
     entry = json_module.loads(JSONFormatter().format(record))

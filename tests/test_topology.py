@@ -23,7 +23,7 @@ async def test_declare_delays_creates_every_level_and_binding(vhost: Vhost) -> N
     for level in range(topology.DELAY_LEVELS):
         name = topology.delay_exchange(level)
         line = next(q for q in queues.splitlines() if q.split("\t")[0] == name)
-        assert f"{{\"x-message-ttl\",{2**level * 1000}}}" in line.replace(" ", ""), line
+        assert f'{{"x-message-ttl",{2**level * 1000}}}' in line.replace(" ", ""), line
     bindings = rabbitmqctl(
         "list_bindings", "-p", vhost.name, "source_name", "destination_name", "routing_key"
     ).splitlines()
