@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from service import task
+import logging
+
+from service import current_task, every, task
 
 
 @task
@@ -18,3 +20,10 @@ def count_primes(limit: int) -> int:
 @task(name="add")
 def add(a: float, b: float) -> float:
     return a + b
+
+
+@task(schedule=every(seconds=10))
+def heartbeat() -> None:
+    """A periodic task: one fire every 10 s across all workers of the queue, logged."""
+    slot = current_task().slot
+    logging.getLogger("examples.heartbeat").warning("heartbeat for slot %s", slot)

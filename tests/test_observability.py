@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import AsyncClient, TaskError, topology
 from service.metrics import Metrics
+from service.schedules import Schedule, every
 from service.settle import TaskOutcome
 from tests.conftest import ROOT, Broker, Vhost, WorkerProcess, rabbitmqctl
 
@@ -308,6 +309,9 @@ def hutch_metric_names() -> set[str]:
     metrics = Metrics("q")
     metrics.add_task("t")
     metrics.on_finished("t", TaskOutcome.SUCCESS, 0.1, 0.0)  # the last-success gauge appears
+    metrics.add_schedule(Schedule("t", every(seconds=60)))  # the schedule series appear
+    metrics.on_leader(True)
+    metrics.on_fire("t", 60_000)
     return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 
@@ -514,7 +518,8 @@ async def test_live_prometheus_evaluates_every_dashboard_query_and_alert(
     vhost: Vhost, queue: str, broker: Broker, start_worker: Any, tmp_path: Path
 ) -> None:
     rabbitmq_metric_names()  # the plugin answers, or a clear failure
-    worker: WorkerProcess = await start_worker()
+    # With periodic tasks, so that the schedule panels and alerts have data too.
+    worker: WorkerProcess = await start_worker(HUTCH_TASKS="tests.tasks,tests.scheduled_tasks")
     target = worker.metrics_url().removeprefix("http://")
     with prometheus_server(live_config(target), tmp_path) as prom:
         # Every target scraped once before the workload, so counters start from their zeros.
