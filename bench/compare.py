@@ -375,6 +375,36 @@ async def publish(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
     ], c.runs
 
 
+async def delayed(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
+    """The cost of a delayed task: the same concurrent calls with and without a countdown."""
+    c = await compare(
+        "delayed",
+        cfg,
+        [
+            ("delayed", lambda: workloads.delayed(cfg, "delayed")),
+            ("immediate", lambda: workloads.delayed(cfg, "immediate")),
+        ],
+        show_latency,
+    )
+    label = f"{cfg.calls} concurrent calls, countdown {workloads.DELAY:g} s: late by, p50"
+    return [
+        c.row("p50_ms", label, "ms", "p50_ms", "immediate", "same, no countdown", None, "delayed"),
+        c.row(
+            "p99_ms", "  p99", "ms", "p99_ms", "immediate", "same, no countdown", None, "delayed"
+        ),
+        c.row(
+            "broker_cpu_us_per_task",
+            "  broker CPU per task",
+            "us",
+            "broker_cpu_us_per_task",
+            "immediate",
+            "same, no countdown",
+            None,
+            "delayed",
+        ),
+    ], c.runs
+
+
 async def footprint(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
     c = await compare(
         "memory",

@@ -33,7 +33,9 @@ from bench.peer_workloads import PEERS
 from bench.report import Metric, table, table_rows
 from bench.workloads import NOOP, Config
 
-WORKLOADS = ("noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
+WORKLOADS = (
+    "noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "delayed", "memory",
+)  # fmt: skip
 
 
 # -- environment probes, the order of runs, the CLI -----------------------------------------
@@ -173,6 +175,7 @@ async def run_workloads(
         "cpu_0_5ms": lambda: compare.cpu(cfg, 0.5, "cpu_0_5ms", 0.9),
         "roundtrip": lambda: compare.roundtrip(cfg),
         "publish": lambda: compare.publish(cfg),
+        "delayed": lambda: compare.delayed(cfg),
         "memory": lambda: compare.footprint(cfg),
     }
     metrics: list[Metric] = []

@@ -39,7 +39,7 @@ from bench.harness import (
     task_message,
     vhost,
 )
-from service import AsyncClient, protocol, topology
+from service import AsyncClient, protocol, step, topology
 
 NOOP = "bench.tasks.noop"
 SPIN = "bench.tasks.spin"
@@ -434,6 +434,39 @@ async def publish(cfg: Config, kind: str) -> dict[str, Any]:
                     seconds = time.perf_counter() - started
             await Probe(channel, queue).wait_ready(n)  # every confirmed message is there
         return {"seconds": seconds, "per_s": n / seconds, "loadavg": load}
+
+
+# -- delayed tasks -----------------------------------------------------------------------------
+
+DELAY = 2.0  # seconds of countdown in the delayed workload
+
+
+async def delayed(cfg: Config, kind: str) -> dict[str, Any]:
+    """``cfg.calls`` concurrent ``AsyncClient.call(noop)`` against a running worker, with a
+    countdown of `DELAY` s (``kind`` "delayed", through the broker's delay queues) or none
+    ("immediate"). Latency is from the call to its result, minus the countdown; the broker's
+    CPU per task is read over the whole batch."""
+    n = cfg.calls
+    load = loadavg()
+    async with vhost(delete_in_background=cfg.quick) as v:
+        queue = queue_name()
+        async with AsyncClient(v.url, queue=queue, timeout=120) as client:
+            proc = hutch_worker(v.url, queue, cfg.concurrency)
+            async with running(proc):
+                await client.call(NOOP)  # the worker is up
+                meter = CpuMeter(proc.pid)
+                countdown = DELAY if kind == "delayed" else None
+                latencies: list[float] = []
+
+                async def one() -> None:
+                    sent = time.perf_counter()
+                    await client.call(step(NOOP, countdown=countdown))
+                    latencies.append(time.perf_counter() - sent - (countdown or 0))
+
+                meter.start()
+                await asyncio.gather(*(one() for _ in range(n)))
+                cpu = meter.stop(n)
+    return {**percentiles(latencies), **cpu, "loadavg": load}
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ threads and notebooks alike without touching the caller's event loop::
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -201,7 +202,10 @@ class AsyncClient:
         if eta is not None and eta > now * 1000:
             # Straight into the broker-held delay: no worker holds it, and none need run.
             headers[protocol.ETA_HEADER] = eta
-            name, routing_key = topology.delay_routing_key(queue, (eta - now * 1000) / 1000)
+            # From the same millisecond the ETA was rounded up from: a countdown of 2 s is
+            # two seconds of delay, not three.
+            delay_ms = eta - math.ceil(now * 1000)
+            name, routing_key = topology.delay_routing_key(queue, delay_ms / 1000)
             exchange = await self._exchange(name)
         elif eta is not None:
             headers[protocol.ETA_HEADER] = eta

@@ -79,8 +79,9 @@ def delay_exchange(level: int) -> str:
 
 
 def delay_routing_key(queue: str, seconds: float) -> tuple[str, str]:
-    """Exchange and routing key that deliver to ``queue`` after ``seconds`` (rounded up)."""
-    delay = min(max(1, math.ceil(seconds)), MAX_DELAY)
+    """Exchange and routing key that deliver to ``queue`` after ``seconds`` (rounded up to
+    whole seconds; float noise below a millisecond does not cost a whole second)."""
+    delay = min(max(1, math.ceil(round(seconds, 3))), MAX_DELAY)
     bits = format(delay, f"0{DELAY_LEVELS}b")
     return delay_exchange(DELAY_LEVELS - 1), ".".join(bits) + "." + queue
 

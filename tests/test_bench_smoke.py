@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "memory")
+WORKLOADS = (
+    "noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "delayed", "memory",
+)  # fmt: skip
 PEERS = ("Celery", "Dramatiq")
 NO_REDIS = shutil.which("redis-server") is None
 

@@ -45,3 +45,17 @@ async def test_a_refused_level_fails_the_declare(vhost: Vhost) -> None:
             await topology.declare_delays(await connection.channel())
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "whole"),
+    [(2.0, 2), (2.0004, 2), (1.9999999, 2), (2.002, 3), (0.2, 1), (0.0, 1), (-5.0, 1)],
+)
+def test_delay_routing_key_rounds_up_to_whole_seconds(seconds: float, whole: int) -> None:
+    # A countdown of 2 s rounded to the millisecond must not become 3 s of delay (it did:
+    # every countdown ran a second late).
+    exchange, key = topology.delay_routing_key("work", seconds)
+    bits = key.split(".")[: topology.DELAY_LEVELS]
+    assert int("".join(bits), 2) == whole
+    assert exchange == topology.delay_exchange(topology.DELAY_LEVELS - 1)
+    assert key.endswith(".work")
