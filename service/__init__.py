@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.context import TaskContext, current_task
 from service.errors import ConfigError, HutchError, SoftTimeLimitExceeded, TaskError
-from service.flow import Step, step
+from service.flow import Chain, Group, Step, chain, group, step
 from service.registry import task
 from service.schedules import every
 
@@ -24,16 +24,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "Chain",
     "Client",
     "ConfigError",
+    "Group",
     "HutchError",
     "SoftTimeLimitExceeded",
     "Step",
     "TaskContext",
     "TaskError",
     "__version__",
+    "chain",
     "current_task",
     "every",
+    "group",
     "step",
     "task",
 ]

@@ -103,6 +103,8 @@ def admit(
         want_result=bool(message.reply_to),
         delivery=message,
         headers={name: headers[name] for name in protocol.CHILD_HEADERS if name in headers},
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
     )
 
 
@@ -155,6 +157,8 @@ class Intake:
         verdict = admit(
             message, max_body_size=self._max_body_size, max_deliveries=self._max_deliveries
         )
+        if protocol.FLOW_START_HEADER in message.headers and not message.redelivered:
+            self._observer.on_flow_started()
         if isinstance(verdict, Job):
             self._observer.on_received(
                 verdict.spec.name,

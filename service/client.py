@@ -33,10 +33,11 @@ import aio_pika
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from service import protocol, topology
+from service import protocol, routing, topology
 from service.broker import connect, open_channel
+from service.continuation import Publish, entry
 from service.errors import HutchError, ProtocolError, TaskError
-from service.flow import Step, TaskRef, step
+from service.flow import Chain, Group, Node, Step, TaskRef, step
 from service.settings import broker_url_from_env
 
 T = TypeVar("T")
@@ -68,7 +69,7 @@ class AsyncClient:
     ) -> None:
         if content_type not in protocol.CONTENT_TYPES:
             raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
-        topology.check_queue_name(queue)
+        routing.check_queue_name(queue)
         self.url = url or broker_url_from_env()
         self.queue = queue
         self.content_type = content_type
@@ -113,18 +114,22 @@ class AsyncClient:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def submit(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> str:
+    async def submit(self, task: TaskRef | Node, /, *args: Any, **kwargs: Any) -> str:
         """Publish a task and wait for the broker's confirm; returns the task id.
 
         ``task`` is a task (function or name) called with ``args`` and ``kwargs``, or a
-        `service.step` with its own arguments and options (a countdown or ETA, another queue).
+        `service.step` with its own arguments and options (a countdown or ETA, another queue),
+        or a flow (`service.chain`, `service.group`): then the id is the flow's, returned once
+        the broker has its first step(s).
         """
-        return await self._publish(_step(task, args, kwargs), reply_to=None)
+        return await self._publish(_node(task, args, kwargs), reply_to=None)
 
-    async def call(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, task: TaskRef | Node, /, *args: Any, **kwargs: Any) -> Any:
         """Run a task and return its result; raises `TaskError` if it failed. ``task`` as for
-        `submit`; a delayed step's result comes once it has run (mind ``timeout``)."""
-        return await self._call(_step(task, args, kwargs))
+        `submit`; a delayed step's result comes once it has run (mind ``timeout``). A flow's
+        result is its last step's (a list, if it ends with a group); if a step fails for good,
+        `TaskError` names the step."""
+        return await self._call(_node(task, args, kwargs))
 
     async def map(
         self,
@@ -174,7 +179,7 @@ class AsyncClient:
             return_exceptions=return_exceptions,
         )
 
-    async def _call(self, step: Step) -> Any:
+    async def _call(self, step: Node) -> Any:
         await self._listen()
         task_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -187,14 +192,18 @@ class AsyncClient:
             self._waiting.pop(task_id, None)
 
     async def _publish(
-        self, step: Step, *, reply_to: str | None, task_id: str | None = None
+        self, step: Node, *, reply_to: str | None, task_id: str | None = None
     ) -> str:
         channel = await self._ready_channel()
-        queue = step.queue or self.queue
-        if queue not in self._declared:
-            await topology.declare_queue(channel, queue)
-            self._declared.add(queue)
+        for queue in _queues(step, self.queue):
+            if queue not in self._declared:
+                await topology.declare_queue(channel, queue)
+                self._declared.add(queue)
         task_id = task_id or uuid.uuid4().hex
+        if not isinstance(step, Step):
+            await self._publish_flow(step, reply_to, task_id)
+            return task_id
+        queue = step.queue or self.queue
         now = time.time()
         headers: dict[str, Any] = {protocol.TASK_HEADER: step.task}
         exchange, routing_key = channel.default_exchange, queue
@@ -205,7 +214,7 @@ class AsyncClient:
             # From the same millisecond the ETA was rounded up from: a countdown of 2 s is
             # two seconds of delay, not three.
             delay_ms = eta - math.ceil(now * 1000)
-            name, routing_key = topology.delay_routing_key(queue, delay_ms / 1000)
+            name, routing_key = routing.delay_routing_key(queue, delay_ms / 1000)
             exchange = await self._exchange(name)
         elif eta is not None:
             headers[protocol.ETA_HEADER] = eta
@@ -221,6 +230,34 @@ class AsyncClient:
         )
         await exchange.publish(message, routing_key, mandatory=True)
         return task_id
+
+    async def _publish_flow(self, flow: Chain | Group, reply_to: str | None, flow_id: str) -> None:
+        """Publish a flow's entry step(s), each confirmed (`service.continuation.entry`)."""
+        channel = await self._ready_channel()
+        now = time.time()
+        publishes = entry(flow, flow_id=flow_id, queue=self.queue, content_type=self.content_type)
+
+        async def one(publish: Publish) -> None:
+            exchange = (
+                await self._exchange(publish.exchange)
+                if publish.exchange
+                else channel.default_exchange
+            )
+            message = aio_pika.Message(
+                publish.body,
+                headers=publish.headers,
+                content_type=publish.content_type,
+                message_id=publish.message_id,
+                # Every entry step carries the caller's address: the last step of the flow
+                # replies to it, through the continuation.
+                correlation_id=flow_id if reply_to else None,
+                reply_to=reply_to,
+                timestamp=now,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await exchange.publish(message, publish.routing_key, mandatory=True)
+
+        await asyncio.gather(*(one(publish) for publish in publishes))
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -306,10 +343,10 @@ class Client:
         future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(wrapped(), self._loop)
         return future.result()
 
-    def submit(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> str:
+    def submit(self, task: TaskRef | Node, /, *args: Any, **kwargs: Any) -> str:
         return self._run(self._async.submit(task, *args, **kwargs))
 
-    def call(self, task: TaskRef | Step, /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, task: TaskRef | Node, /, *args: Any, **kwargs: Any) -> Any:
         return self._run(self._async.call(task, *args, **kwargs))
 
     def map(
@@ -359,9 +396,29 @@ class Client:
         self.close()
 
 
-def _step(task: TaskRef | Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Step:
-    if isinstance(task, Step):
+def _node(task: TaskRef | Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
+    if isinstance(task, Step | Chain | Group):
         if args or kwargs:
-            raise TypeError("a step carries its own arguments: pass step(task, *args, kwargs=...)")
+            raise TypeError(
+                "a step or flow carries its own arguments: pass step(task, *args, kwargs=...)"
+            )
         return task
     return step(task, *args, kwargs=kwargs)
+
+
+def _step(task: TaskRef | Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Step:
+    node = _node(task, args, kwargs)
+    if not isinstance(node, Step):
+        raise TypeError("map and starmap run one task per item: pass a task, not a flow")
+    return node
+
+
+def _queues(node: Node, default: str) -> set[str]:
+    """Every queue a flow (or step) sends work to, so each is declared before it is used."""
+    if isinstance(node, Step):
+        return {node.queue or default}
+    children = node.nodes if isinstance(node, Chain) else node.members
+    queues = set().union(*(_queues(child, default) for child in children))
+    if isinstance(node, Chain) and node.on_error is not None:
+        queues |= _queues(node.on_error, default)
+    return queues

@@ -123,7 +123,7 @@ class Consumer:
             connection.close_callbacks.add(on_lost)
             channel = await open_channel(connection, publisher_confirms=False)
             channel.close_callbacks.add(on_lost)
-            await topology.declare_delays(channel)
+            await topology.declare_shared(channel)
             cancelled = asyncio.Event()
 
             def on_cancel(frame: Any) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.protocol import ETA_HEADER, SLOT_HEADER
+from service.protocol import ETA_HEADER, FLOW_HEADER, FLOW_STEP_HEADER, SLOT_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +18,9 @@ class TaskContext:
     runs that ended in an error or time-out, from 1. ``deliveries`` is the broker's delivery
     count: above 0 after a crash or lost connection, even on the same attempt. ``eta`` is the
     instant a delayed task was scheduled for (None if it was not delayed); ``slot`` the slot a
-    periodic task's fire is for (None if it is not a fire).
+    periodic task's fire is for (None if it is not a fire). ``flow`` and ``step`` are the
+    flow id and the step's path (``"1.0"``: the first member of the group second in the chain)
+    when the task runs as a step of a flow (`service.chain`), else None.
     """
 
     id: str
@@ -28,14 +30,23 @@ class TaskContext:
     redelivered: bool
     eta: dt.datetime | None = None
     slot: dt.datetime | None = None
+    flow: str | None = None
+    step: str | None = None
 
     @staticmethod
-    def times(headers: Mapping[str, Any]) -> dict[str, dt.datetime | None]:
-        """``eta`` and ``slot`` from a message's headers (Unix ms), as UTC datetimes."""
+    def from_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields a message's headers give: ``eta`` and ``slot`` (Unix ms, as UTC
+        datetimes), ``flow`` and ``step``."""
         return {
-            field: _utc(headers.get(name))
-            for field, name in (("eta", ETA_HEADER), ("slot", SLOT_HEADER))
+            "eta": _utc(headers.get(ETA_HEADER)),
+            "slot": _utc(headers.get(SLOT_HEADER)),
+            "flow": _text(headers.get(FLOW_HEADER)),
+            "step": _text(headers.get(FLOW_STEP_HEADER)),
         }
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _utc(ms: object) -> dt.datetime | None:

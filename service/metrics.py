@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
+from service.continuation import FlowEvent
 from service.observer import Observer
 from service.pool.jobs import RestartReason
 from service.protocol import Reason
@@ -116,6 +117,13 @@ class Counts:
     last_fire: dict[str, int] = field(default_factory=dict)
     schedules: dict[str, Schedule] = field(default_factory=dict)
     leader: bool = False
+    # Flows: entry steps seen, flows ended by outcome, and the fan-in this worker holds.
+    flows_started: int = 0
+    flows_ended: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    joins_open: int = 0
+    join_records: int = 0
+    join_oldest_seconds: float = 0.0
+    join_capacity: int = 0
 
 
 class Metrics(Observer):
@@ -148,6 +156,8 @@ class Metrics(Observer):
             counts.dead_letters[reason.value] = 0
         for restart in RestartReason:
             counts.restarts[restart.value] = 0
+        for event in FlowEvent:
+            counts.flows_ended[event.value] = 0
 
     def watch(self, pool: PoolGauges, consumer: ConsumerGauges, ready: Callable[[], bool]) -> None:
         """Read the state gauges from these at every scrape."""
@@ -237,3 +247,16 @@ class Metrics(Observer):
 
     def on_last_fire(self, task: str, slot_ms: int) -> None:
         self.counts.last_fire[task] = slot_ms
+
+    # -- flows ----------------------------------------------------------------------------
+
+    def on_flow_started(self) -> None:
+        self.counts.flows_started += 1
+
+    def on_flow_ended(self, event: FlowEvent) -> None:
+        self.counts.flows_ended[event.value] += 1
+
+    def on_joins(self, open_joins: int, records: int, oldest_seconds: float) -> None:
+        counts = self.counts
+        counts.joins_open, counts.join_records = open_joins, records
+        counts.join_oldest_seconds = oldest_seconds

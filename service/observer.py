@@ -2,7 +2,8 @@
 
 The stages call these hooks and never a metric directly: admission reports each delivery it
 received, settling how each run ended and what was done with the message, the pool each child
-it replaced, the scheduler its leadership and fires. `service.metrics.Metrics` turns them into
+it replaced, the scheduler its leadership and fires, the fan-in (`service.joins`) what it
+holds. `service.metrics.Metrics` turns them into
 Prometheus series and `service.prefetch.PrefetchControl` sizes the prefetch window from them;
 tracing or extra logging would plug in here. Hooks run on the event loop, on the per-message
 path: they must not block or raise.
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from service.continuation import FlowEvent
     from service.pool.jobs import RestartReason
     from service.protocol import Reason
     from service.settle import Action, TaskOutcome
@@ -49,6 +51,16 @@ class Observer:
 
     def on_last_fire(self, task: str, slot_ms: int) -> None:
         """A new leader learned from the baton when ``task`` last fired."""
+
+    def on_flow_started(self) -> None:
+        """A flow's entry step arrived for the first time."""
+
+    def on_flow_ended(self, event: FlowEvent) -> None:
+        """A flow ended (its last step acked, or its failure handed on, confirmed)."""
+
+    def on_joins(self, open_joins: int, records: int, oldest_seconds: float) -> None:
+        """The fan-in this worker holds changed: open joins, records held, and the age of the
+        oldest open join (0 with none); all 0 when it holds none (another worker does)."""
 
 
 class Observers(Observer):
@@ -91,3 +103,15 @@ class Observers(Observer):
     def on_last_fire(self, task: str, slot_ms: int) -> None:
         for observer in self._observers:
             observer.on_last_fire(task, slot_ms)
+
+    def on_flow_started(self) -> None:
+        for observer in self._observers:
+            observer.on_flow_started()
+
+    def on_flow_ended(self, event: FlowEvent) -> None:
+        for observer in self._observers:
+            observer.on_flow_ended(event)
+
+    def on_joins(self, open_joins: int, records: int, oldest_seconds: float) -> None:
+        for observer in self._observers:
+            observer.on_joins(open_joins, records, oldest_seconds)

@@ -254,6 +254,40 @@ class _CountsCollector(Collector):
         if c.schedules:  # only a worker with schedules takes part
             leader.add_metric([q], 1 if c.leader else 0)
         yield leader
+        yield counter(
+            "hutch_flows_started",
+            "Flows whose entry step arrived at this worker.",
+            ["queue"],
+            [(q, c.flows_started)],
+        )
+        yield counter(
+            "hutch_flows_ended",
+            "Flows that ended at this worker: finished (last step done) or failed.",
+            ["queue", "outcome"],
+            ((q, outcome, n) for outcome, n in c.flows_ended.items()),
+        )
+        # The fan-in is held by one worker per vhost at a time; the others report 0.
+        for name, doc, value in (
+            ("hutch_flow_joins_open", "Fan-ins of flows open in this worker.", c.joins_open),
+            (
+                "hutch_flow_join_records",
+                "Fan-in records this worker holds unacked (at most its capacity).",
+                c.join_records,
+            ),
+            (
+                "hutch_flow_join_oldest_seconds",
+                "Age of the oldest open fan-in this worker holds (0 with none).",
+                c.join_oldest_seconds,
+            ),
+            (
+                "hutch_flow_join_capacity",
+                "The most fan-in records one worker holds (--join-capacity).",
+                c.join_capacity,
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=[])
+            gauge.add_metric([], value)
+            yield gauge
         last = GaugeMetricFamily(
             "hutch_last_success_timestamp_seconds",
             "Unix time of the last successful task.",

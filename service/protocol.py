@@ -42,15 +42,42 @@ DEAD_AT_HEADER: Final = "x-hutch-dead-lettered-at"
 REPLAY_OF_HEADER: Final = "x-hutch-replay-of"
 REPLAYED_AT_HEADER: Final = "x-hutch-replayed-at"
 REPLAYS_HEADER: Final = "x-hutch-replays"
+# On every message of a flow (`service.continuation`): the flow's id and the step's path.
+FLOW_HEADER: Final = "x-hutch-flow"
+FLOW_STEP_HEADER: Final = "x-hutch-flow-step"
+# On one message of a flow, its entry step: counts the flow as started.
+FLOW_START_HEADER: Final = "x-hutch-flow-start"
+# On a failed flow step's copy sent to the internal `hutch.flow.failed` task: the task that failed.
+FAILED_TASK_HEADER: Final = "x-hutch-failed-task"
+# On a flow's fan-in record in `hutch.joins` (`service.joins` reads only these, never the body).
+JOIN_HEADER: Final = "x-hutch-join"  # "{flow id}:{group path}"
+JOIN_INDEX_HEADER: Final = "x-hutch-join-index"  # the member, 0..n-1
+JOIN_SIZE_HEADER: Final = "x-hutch-join-size"  # n
+JOIN_OK_HEADER: Final = "x-hutch-join-ok"  # the member succeeded (true) or failed for good
+JOIN_QUEUE_HEADER: Final = "x-hutch-join-queue"  # where the fan-in's follow-up task goes
+JOIN_AT_HEADER: Final = "x-hutch-join-at"  # Unix ms the record was first written
+JOIN_HANDLED_HEADER: Final = "x-hutch-join-handled"  # a failed record whose flow was ended
 
 # Headers a pool child needs to tell a task about its delivery (`service.context`); only these
 # cross the pipe.
-CHILD_HEADERS: Final = (ETA_HEADER, SLOT_HEADER)
+CHILD_HEADERS: Final = (
+    ETA_HEADER,
+    SLOT_HEADER,
+    FLOW_HEADER,
+    FLOW_STEP_HEADER,
+    FAILED_TASK_HEADER,
+    REASON_HEADER,
+    ERROR_TYPE_HEADER,
+    ERROR_MESSAGE_HEADER,
+)
 # The furthest ahead an ETA may be: anything later is taken for a unit mistake (seconds for
 # milliseconds, or microseconds) and dead-lettered as bad_eta rather than held for decades.
 MAX_ETA_AHEAD_MS: Final = 365 * 24 * 3600 * 1000
 
 DEFAULT_MAX_DEPTH: Final = 32
+# A flow's message nests its continuation (the steps still to run, with their arguments)
+# around the arguments: it may be this much deeper than ``max_depth``.
+FLOW_DEPTH_ALLOWANCE: Final = 24
 # Header values are truncated so one enormous error message cannot bloat every dead letter.
 MAX_HEADER_TEXT: Final = 1024
 
@@ -66,6 +93,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"
     TOO_DEEP = "too_deep"
     BAD_ETA = "bad_eta"
+    BAD_FLOW = "bad_flow"
     FAILED = "failed"
     TIMEOUT = "timeout"
     DELIVERY_LIMIT = "delivery_limit"
@@ -186,7 +214,23 @@ def decode_request(
     content_type: str, body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH
 ) -> tuple[list[Any], dict[str, Any]]:
     """Decode a task body into ``(args, kwargs)``; unknown top-level keys are ignored."""
-    value = decode(content_type, body, max_depth=max_depth)
+    args, kwargs, _ = decode_flow_request(content_type, body, max_depth=max_depth)
+    return args, kwargs
+
+
+def decode_flow_request(
+    content_type: str, body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> tuple[list[Any], dict[str, Any], Any]:
+    """Decode a task body into ``(args, kwargs, flow)``: ``flow`` is the raw value of its
+    ``flow`` key (None without one), checked by `service.continuation`.
+
+    A body with a flow may nest `FLOW_DEPTH_ALLOWANCE` levels deeper than ``max_depth``.
+    """
+    value = decode(content_type, body, max_depth=None)
+    if isinstance(value, dict) and value.get("flow") is not None:
+        _check_depth(value, max_depth + FLOW_DEPTH_ALLOWANCE)
+    else:
+        _check_depth(value, max_depth)
     if not isinstance(value, dict):
         raise ProtocolError(Reason.MALFORMED, "body must be a map with 'args' and 'kwargs'")
     args = value.get("args", [])
@@ -195,7 +239,7 @@ def decode_request(
         raise ProtocolError(Reason.MALFORMED, "'args' must be an array")
     if not isinstance(kwargs, dict):
         raise ProtocolError(Reason.MALFORMED, "'kwargs' must be a map")
-    return args, kwargs
+    return args, kwargs, value.get("flow")
 
 
 def _json_default(value: Any) -> Any:
@@ -220,6 +264,31 @@ def encode(content_type: str, value: Any) -> bytes:
 
 def encode_request(content_type: str, args: Any, kwargs: Any) -> bytes:
     return encode(content_type, {"args": list(args), "kwargs": dict(kwargs)})
+
+
+def request_of_bodies(content_type: str, bodies: list[bytes], *extra: Any) -> bytes:
+    """A task body whose first argument is the array of the already encoded ``bodies``, then
+    ``extra`` arguments: built from the bytes, without decoding them (the fan-in of a flow
+    hands its records to a pool child this way; the parent only moves bytes). Every body must
+    be of ``content_type``."""
+    if content_type == JSON:
+        rest = b"".join(b"," + encode(JSON, value) for value in extra)
+        return b'{"args":[[' + b",".join(bodies) + b"]" + rest + b'],"kwargs":{}}'
+    if content_type == MSGPACK:
+        packer = msgpack.Packer(datetime=True)
+        return b"".join(
+            [
+                packer.pack_map_header(2),
+                packer.pack("args"),
+                packer.pack_array_header(1 + len(extra)),
+                packer.pack_array_header(len(bodies)),
+                *bodies,
+                *(packer.pack(value) for value in extra),
+                packer.pack("kwargs"),
+                packer.pack_map_header(0),
+            ]
+        )
+    raise EncodeError(f"unsupported content type {content_type!r}")
 
 
 def ok_result(content_type: str, value: Any) -> bytes:

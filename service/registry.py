@@ -121,6 +121,10 @@ class TaskOptions(TypedDict, total=False):
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(TaskSpec)) - {"name", "fn"}
 _tasks: dict[str, TaskSpec] = {}
 _names: dict[Callable[..., Any], str] = {}
+# hutch's own tasks (`service.continuation`): run like any task, but not the user's, so they
+# are not listed by `registered` (nor counted as the worker having tasks).
+_builtins: dict[str, TaskSpec] = {}
+BUILTIN_PREFIX = "hutch."
 
 
 @overload
@@ -145,6 +149,8 @@ def task(fn: F | None = None, /, **options: Unpack[TaskOptions]) -> F | Callable
 
     def register(func: F) -> F:
         task_name = name or f"{func.__module__}.{func.__qualname__}"
+        if task_name.startswith(BUILTIN_PREFIX):
+            raise ConfigError(f"task name {task_name!r}: names starting 'hutch.' are hutch's own")
         existing = _tasks.get(task_name)
         if existing is not None and existing.fn is not func:
             raise ConfigError(f"task name {task_name!r} is already registered")
@@ -155,8 +161,13 @@ def task(fn: F | None = None, /, **options: Unpack[TaskOptions]) -> F | Callable
     return register(fn) if fn is not None else register
 
 
+def register_builtin(name: str, fn: Callable[..., Any], **options: Any) -> None:
+    """Register one of hutch's own tasks (named ``hutch.*``)."""
+    _builtins[name] = TaskSpec(name, fn, **options)
+
+
 def lookup(name: str) -> TaskSpec | None:
-    return _tasks.get(name)
+    return _tasks.get(name) or _builtins.get(name)
 
 
 def name_of(fn: Callable[..., Any] | str) -> str:

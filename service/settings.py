@@ -122,6 +122,13 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _join_capacity(text: str) -> int:
+    value = positive_int(text)
+    if value > 65_535:  # AMQP's prefetch count is 16 bits
+        raise ValueError(f"{value} is more than 65535")
+    return value
+
+
 def _setting(
     default: Any, parse: Callable[[str], Any], help: str, *, flag: bool = True, **kw: Any
 ) -> Any:
@@ -178,6 +185,17 @@ class Settings:
     )
     max_memory_per_child: int = _setting(
         0, parse_size, "replace a child whose RSS grew this much above its baseline (0: never)"
+    )
+    join_capacity: int = _setting(
+        10_000,
+        _join_capacity,
+        "most fan-in records of flows one worker holds while it holds the fan-in (1-65535)",
+    )
+    join_max_age: float = _setting(
+        86_400.0,
+        positive_float,
+        "seconds a flow's fan-in may stay open before the flow fails (and a failed one's "
+        "records stay replayable)",
     )
     metrics_addr: str = _setting(
         "127.0.0.1:9808", _addr, "HOST:PORT for /metrics, /livez and /readyz ('off' disables)"

@@ -3,11 +3,15 @@
 | outcome                          | action                                                     |
 |----------------------------------|------------------------------------------------------------|
 | succeeded                        | result to ``reply_to`` (confirmed), then ack               |
+| a flow's step succeeded          | what follows it (next steps, fan-in record; confirmed), ack|
 | raised / timed out, attempts left| copy to a broker-held delay (confirmed), then ack          |
 | raised / timed out, no attempts  | copy to ``Q.dlq`` and error result (confirmed), then ack   |
 | bad input                        | copy to ``Q.dlq`` and error result (confirmed), then ack   |
 | child died while running it      | ``reject(requeue=True)``: counted by the broker            |
 | returned unfinished (drain)      | ``nack(requeue=True)``: not the message's fault            |
+
+A flow's step that is dead-lettered is also copied to the internal task ``hutch.flow.failed``
+(confirmed, before the ack), whose child ends the flow (`service.continuation`).
 
 `decide` is that table as a pure function; `Settler` carries its answers out. If a confirm does
 not come, the message is handed back to the queue instead of acked: a message is never acked
@@ -29,13 +33,14 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import aio_pika
 
-from service import protocol, topology
+from service import continuation, protocol, routing, topology
 from service.acks import AckRouter, is_stale
 from service.broker import CONNECTION_ERRORS, Publisher
+from service.continuation import FlowEvent, Publish
 from service.delivery import Delivery
 from service.errors import PublishError
 from service.logs import task_fields
@@ -151,8 +156,14 @@ class Settler:
                 job.spec.name, decision.outcome, job.run_seconds, job.cpu_seconds
             )
         message = job.delivery
-        if decision.action is Action.ACK and not (message.reply_to and outcome.payload is not None):
+        if (
+            decision.action is Action.ACK
+            and not outcome.publishes
+            and not (message.reply_to and outcome.payload is not None)
+        ):
             self._ack_soon(message)
+            if outcome.flow is not None:
+                self._observer.on_flow_ended(outcome.flow)
         else:
             self._track(self._settle(job, outcome, decision))
 
@@ -191,7 +202,7 @@ class Settler:
         message = job.delivery
         action = decision.action
         if action is Action.ACK:
-            await self.succeed(message, outcome.payload)
+            await self.succeed(message, outcome.payload, outcome.publishes, outcome.flow)
         elif action is Action.RETRY:
             log.info(
                 "task %s (id %s) attempt %d/%d failed: %s: %s; retrying",
@@ -254,17 +265,49 @@ class Settler:
         if not task.cancelled() and task.exception() is not None:
             log.error("settling failed", exc_info=task.exception())
 
-    async def succeed(self, message: Delivery, payload: bytes | None) -> None:
+    async def succeed(
+        self,
+        message: Delivery,
+        payload: bytes | None,
+        publishes: tuple[Publish, ...] = (),
+        flow: FlowEvent | None = None,
+    ) -> None:
+        """Publish what follows a flow's step and the result (all confirmed), then ack."""
         if self._stale(message):
             return
-        if message.reply_to and payload is not None:
-            try:
+        try:
+            if publishes:
+                await asyncio.gather(*(self._publish_next(p) for p in publishes))
+            if message.reply_to and payload is not None:
                 await self._reply(message, payload)
-            except PublishError as exc:
-                log.warning("result of %s not confirmed (%s); requeueing", message.message_id, exc)
-                await self.requeue(message, counted=False)
-                return
-        await self._ack(message, Action.ACK)
+        except PublishError as exc:
+            log.warning("output of %s not confirmed (%s); requeueing", message.message_id, exc)
+            await self.requeue(message, counted=False)
+            return
+        if await self._ack(message, Action.ACK) and flow is not None:
+            self._observer.on_flow_ended(flow)
+
+    async def _publish_next(self, publish: Publish) -> None:
+        """One message that follows a flow's step (`service.continuation.Publish`)."""
+        message = aio_pika.Message(
+            publish.body,
+            headers=publish.headers,
+            content_type=publish.content_type,
+            message_id=publish.message_id,
+            correlation_id=publish.correlation_id,
+            timestamp=time.time(),
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT
+            if publish.reply
+            else aio_pika.DeliveryMode.PERSISTENT,
+        )
+        # A reply whose caller has gone must not hold up the flow; anything else unroutable
+        # (a queue nobody declared) is refused, and the step is handed back to try again.
+        await self._publish(
+            message,
+            publish.routing_key,
+            exchange=publish.exchange,
+            mandatory=not publish.reply,
+        )
 
     async def retry(self, message: Delivery, attempt: int, delay: float) -> None:
         headers = publisher_headers(message)
@@ -287,7 +330,8 @@ class Settler:
         """Publish a copy into the delay topology for ``seconds`` (confirmed), then ack."""
         if self._stale(message):
             return
-        exchange, routing_key = topology.delay_routing_key(self.queue, seconds)
+        headers.pop(protocol.FLOW_START_HEADER, None)  # the flow was counted as it arrived
+        exchange, routing_key = routing.delay_routing_key(self.queue, seconds)
         try:
             await self._publish(copy_message(message, headers), routing_key, exchange=exchange)
         except PublishError as exc:
@@ -317,9 +361,12 @@ class Settler:
                 protocol.DEAD_AT_HEADER: int(time.time() * 1000),
             }
         )
+        ends_flow = _ends_flow(message, reason)
         try:
-            await self._publish(copy_message(message, headers), topology.dlq_name(self.queue))
-            if message.reply_to:
+            await self._publish(copy_message(message, headers), routing.dlq_name(self.queue))
+            if ends_flow:
+                await self._publish(_failure_copy(message, headers), self.queue)
+            elif message.reply_to:
                 # A readable error even when the request's content type was not.
                 content_type = protocol.media_type(message.content_type) or protocol.JSON
                 body = protocol.error_result(content_type, error_type, error_message)
@@ -379,7 +426,7 @@ class Settler:
                 if delay is None:
                     raise
                 log.info("publish to %r failed (%s); retrying in %gs", routing_key, exc, delay)
-                if exc.unroutable and routing_key == topology.dlq_name(self.queue):
+                if exc.unroutable and routing_key == routing.dlq_name(self.queue):
                     await self._declare_queues()
             await asyncio.sleep(delay)
 
@@ -391,11 +438,50 @@ class Settler:
         except CONNECTION_ERRORS as exc:
             log.warning("could not declare %r again: %r", self.queue, exc)
 
-    async def _ack(self, message: Delivery, action: Action, reason: Reason | None = None) -> None:
+    async def _ack(self, message: Delivery, action: Action, reason: Reason | None = None) -> bool:
         try:
             await self._acks.ack(message)
         except CONNECTION_ERRORS:
             # The channel closed between the publish and the ack: the broker redelivers it.
             self._observer.on_settled(Action.STALE, None)
-            return
+            return False
         self._observer.on_settled(action, reason)
+        return True
+
+
+# A flow step dead-lettered for these reasons cannot be read, so nothing can continue it: the
+# dead letter (and the caller's error reply) is where it ends.
+_UNREADABLE: Final = frozenset(
+    {
+        Reason.MALFORMED,
+        Reason.BAD_CONTENT_TYPE,
+        Reason.BAD_ENCODING,
+        Reason.TOO_DEEP,
+        Reason.BAD_FLOW,
+    }
+)
+
+
+def _ends_flow(message: Delivery, reason: Reason) -> bool:
+    """Whether dead-lettering ``message`` must also end its flow (`_failure_copy`)."""
+    headers = message.headers
+    return (
+        protocol.FLOW_HEADER in headers
+        and headers.get(protocol.FLOW_STEP_HEADER) != continuation.ON_ERROR_STEP
+        and headers.get(protocol.TASK_HEADER) not in continuation.BUILTIN_TASKS
+        and reason not in _UNREADABLE
+    )
+
+
+def _failure_copy(message: Delivery, dead_headers: dict[str, Any]) -> aio_pika.Message:
+    """The failed step, addressed to `continuation.FAILED_TASK` with what the dead letter
+    says: its child ends the flow (on_error and the caller's error), or tells the fan-in."""
+    headers = {
+        name: value
+        for name, value in dead_headers.items()
+        if name not in (protocol.ATTEMPT_HEADER, protocol.ETA_HEADER, protocol.DUE_HEADER)
+    }
+    headers[protocol.FAILED_TASK_HEADER] = headers.get(protocol.TASK_HEADER, "")
+    headers[protocol.TASK_HEADER] = continuation.FAILED_TASK
+    headers.pop(protocol.FLOW_START_HEADER, None)
+    return copy_message(message, headers, message_id=f"{message.message_id}:failed")

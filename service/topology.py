@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,20 +27,19 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, Exc
 
 from service.broker import CONNECTION_ERRORS, open_channel
 from service.errors import QueueNotFound
+from service.routing import (
+    DELAY_LEVELS,
+    DELIVER_EXCHANGE,
+    JOINS_QUEUE,
+    check_queue_name,
+    delay_exchange,
+    dlq_name,
+)
 
 # Must be identical on every host and in every publisher that declares the queue: a mismatch is
 # refused by the broker with PRECONDITION_FAILED. hutch dead-letters poison messages itself
 # well before this (``--max-deliveries``); this limit is the broker's backstop.
 BROKER_DELIVERY_LIMIT: Final = 20
-DELAY_LEVELS: Final = 28
-MAX_DELAY: Final = 2**DELAY_LEVELS - 1
-DELIVER_EXCHANGE: Final = "hutch.deliver"
-DELAY_PREFIX: Final = "hutch.delay."
-FORBIDDEN_IN_NAMES: Final = frozenset("*#")
-
-
-def dlq_name(queue: str) -> str:
-    return f"{queue}.dlq"
 
 
 def queue_arguments(queue: str) -> dict[str, Any]:
@@ -66,30 +64,21 @@ DLQ_ARGUMENTS: Final[dict[str, Any]] = {
 }
 
 
-def check_queue_name(queue: str) -> None:
-    """Refuse names the delay routing cannot carry (it uses topic patterns)."""
-    if not queue or any(ch in FORBIDDEN_IN_NAMES for ch in queue):
-        raise ValueError(f"queue name {queue!r} must be non-empty and contain no '*' or '#'")
-    if len(queue.encode()) > 255 - 2 * DELAY_LEVELS - 4:
-        raise ValueError(f"queue name {queue!r} is too long (at most 195 bytes)")
+# ``hutch.joins`` (`service.joins`): quorum (replicated), single active consumer, and a delivery
+# limit so high that failovers never drop a fan-in record (4.x defaults to 20); compaction
+# resets the count anyway.
+JOINS_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "quorum",
+    "x-single-active-consumer": True,
+    "x-delivery-limit": DLQ_DELIVERY_LIMIT,
+}
 
 
-def delay_exchange(level: int) -> str:
-    return f"{DELAY_PREFIX}{level}"
+async def declare_shared(channel: AbstractChannel) -> None:
+    """Declare what every queue of a vhost shares (idempotent): the delay levels with the
+    deliver exchange, and the fan-in queue of flows, ``hutch.joins``, with its dead letters.
 
-
-def delay_routing_key(queue: str, seconds: float) -> tuple[str, str]:
-    """Exchange and routing key that deliver to ``queue`` after ``seconds`` (rounded up to
-    whole seconds; float noise below a millisecond does not cost a whole second)."""
-    delay = min(max(1, math.ceil(round(seconds, 3))), MAX_DELAY)
-    bits = format(delay, f"0{DELAY_LEVELS}b")
-    return delay_exchange(DELAY_LEVELS - 1), ".".join(bits) + "." + queue
-
-
-async def declare_delays(channel: AbstractChannel) -> None:
-    """Declare the shared delay levels and the deliver exchange (idempotent).
-
-    The 112 declarations and bindings go out with ``nowait``, then one passive declare waits
+    The 114 declarations and bindings go out with ``nowait``, then one passive declare waits
     for the broker to have handled them all: a worker or client starts about 60 ms sooner
     (the broker answers each in turn). A declaration the broker refuses (other arguments)
     closes the channel, so that last call fails with the refusal.
@@ -123,6 +112,10 @@ async def declare_delays(channel: AbstractChannel) -> None:
                 destination=below, source=name, routing_key=".".join([*skip, "0", "#"]), nowait=True
             )
             below = name
+        await amqp.queue_declare(
+            dlq_name(JOINS_QUEUE), durable=True, nowait=True, arguments=DLQ_ARGUMENTS
+        )
+        await amqp.queue_declare(JOINS_QUEUE, durable=True, nowait=True, arguments=JOINS_ARGUMENTS)
         await amqp.exchange_declare(below, exchange_type=ExchangeType.TOPIC.value, passive=True)
     except aiormq.exceptions.ChannelInvalidStateError as exc:
         # The broker closed the channel while the nowait frames went out: the later ones fail
@@ -151,7 +144,7 @@ async def declare_queue(channel: AbstractChannel, queue: str) -> AbstractQueue:
 
 
 async def declare(channel: AbstractChannel, queue: str) -> AbstractQueue:
-    await declare_delays(channel)
+    await declare_shared(channel)
     return await declare_queue(channel, queue)
 
 

@@ -41,6 +41,7 @@ from service.settings import Settings, parse_addr, time_limit_report
 
 if TYPE_CHECKING:
     from service.health import HealthServer
+    from service.joins import Joins
     from service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Worker:
         from service.admission import Intake
         from service.broker import Publisher, vhost_of
         from service.consumer import Consumer
+        from service.joins import Joins
         from service.metrics import Metrics
         from service.prefetch import PrefetchControl, PrefetchWindow, WindowPolicy
         from service.scheduler import Scheduler
@@ -114,6 +116,16 @@ class Worker:
             )
             for schedule in self.scheduler.schedules.values():
                 self.metrics.add_schedule(schedule)
+        # Every worker stands by to hold the fan-in of flows; the broker picks one at a time.
+        self.joins: Joins = Joins(
+            s.broker_url,
+            capacity=s.join_capacity,
+            max_age=s.join_max_age,
+            compact_after=min(600.0, s.consumer_timeout / 3),
+            observer=observers,
+            name=name + " joins",
+        )
+        self.metrics.counts.join_capacity = s.join_capacity
         self.metrics.watch(self.pool, self.consumer, ready=lambda: self.ready()[0])
         for task in registered():
             self.metrics.add_task(task)
@@ -196,11 +208,15 @@ class Worker:
             loop.add_signal_handler(sig, self.request_stop)
         watching = loop.create_task(self.prefetch.watch())
         scheduling = loop.create_task(self.scheduler.run()) if self.scheduler else None
+        joining = loop.create_task(self.joins.run())
         try:
             await self._stop.wait()
+            # The baton and the fan-in records go to another worker at once.
             if self.scheduler is not None and scheduling is not None:
-                self.scheduler.close()  # its baton goes to another worker at once
+                self.scheduler.close()
                 await scheduling
+            self.joins.close()
+            await joining
             await self.drain()
         finally:
             await preparing
@@ -208,6 +224,8 @@ class Worker:
             if self.scheduler is not None and scheduling is not None:
                 self.scheduler.close()
                 await scheduling
+            self.joins.close()
+            await joining
             self.consumer.close()
             await consuming
             await self.publisher.close()

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from service import protocol, topology
+from service import protocol, routing
 from service.errors import ManagementUnavailable
 from service.ops.management import ManagementAPI
 from tests.conftest import BROKER, ROOT, Broker, Vhost
@@ -92,7 +92,7 @@ async def dead_letter(
         protocol.ATTEMPT_HEADER: attempt,
     }
     return await broker.publish(
-        topology.dlq_name(queue), task, *args, headers=headers, message_id=message_id, **props
+        routing.dlq_name(queue), task, *args, headers=headers, message_id=message_id, **props
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from service import AsyncClient, ConfigError, protocol, step, topology
+from service import AsyncClient, ConfigError, protocol, routing, step
 from tests.conftest import Broker, Vhost, check, executions, until
 
 
@@ -70,7 +70,7 @@ async def test_a_bad_eta_is_dead_lettered(
 ) -> None:
     await start_worker()
     task_id = await broker.publish(queue, "tests.tasks.timed", headers={protocol.ETA_HEADER: eta})
-    (letter,) = await broker.wait_for(topology.dlq_name(queue), 1, timeout=15)
+    (letter,) = await broker.wait_for(routing.dlq_name(queue), 1, timeout=15)
     assert letter.message_id == task_id
     assert letter.headers[protocol.REASON_HEADER] == "bad_eta"
 

@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from service import protocol, topology
+from service import protocol, routing, topology
 from service.ops import deadletters
 from service.ops.deadletters import Filter, parse_since
 from tests.cli_helpers import (
@@ -101,7 +101,7 @@ async def test_ls_lists_every_dead_letter_and_removes_nothing(
         await dead_letter(broker, queue, "app.crop", reason="bad_args", error_type="bad_args"),
         await dead_letter(broker, queue, "app.nope", reason="unknown_task", attempt=1),
     ]
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     first = await hutch(vhost, "dlq", "ls", "--queue", queue)
     assert first.code == 0, first
     lines = first.out.splitlines()
@@ -178,7 +178,7 @@ async def test_ls_filters_and_json(vhost: Vhost, queue: str, broker: Broker) -> 
     when = dt.datetime.fromisoformat(item["dead_lettered_at"])
     assert abs(when.timestamp() - (now - 3600)) < 1
     assert "matching reason=timeout" in run.err
-    assert await broker.ready(topology.dlq_name(queue)) == 3
+    assert await broker.ready(routing.dlq_name(queue)) == 3
 
 
 async def test_broker_dead_letters_and_messages_without_id(
@@ -195,7 +195,7 @@ async def test_broker_dead_letters_and_messages_without_id(
             continue
         await message.nack(requeue=True)
         returned += 1
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     assert await until_ready(broker, dlq, 1, timeout=10)
     # A foreign message with no message_id, as publishers in other languages can send.
     publish_over_http(
@@ -253,7 +253,7 @@ async def test_show_prints_properties_headers_and_the_decoded_body(
     run = await hutch(vhost, "dlq", "show", letter, "--queue", queue)
     assert run.code == 0, run
     text = run.out
-    assert f"dead letter {letter} in {topology.dlq_name(queue)}" in text
+    assert f"dead letter {letter} in {routing.dlq_name(queue)}" in text
     for expected in (
         "properties:",
         f"message_id:       {letter}",
@@ -285,7 +285,7 @@ async def test_show_prints_properties_headers_and_the_decoded_body(
     ambiguous = await hutch(vhost, "dlq", "show", letter[:4], "--queue", queue)
     assert ambiguous.code == 2 and "give more of the id" in ambiguous.err, ambiguous
     assert other in ambiguous.err
-    assert await broker.ready(topology.dlq_name(queue)) == 2
+    assert await broker.ready(routing.dlq_name(queue)) == 2
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ async def test_show_prints_properties_headers_and_the_decoded_body(
 async def test_replay_sends_matches_back_as_fresh_tasks(
     vhost: Vhost, queue: str, broker: Broker
 ) -> None:
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     a1 = await dead_letter(broker, queue, "app.a", 1, reply_to="amq.gen-x", app_id="shop")
     bad = await dead_letter(broker, queue, "app.b", reason="bad_args", attempt=1)
     a2 = await dead_letter(broker, queue, "app.a", 2, reason="timeout")
@@ -341,7 +341,7 @@ async def test_replay_limit_and_rate(vhost: Vhost, queue: str, broker: Broker) -
     assert time.monotonic() - started >= 0.4  # 3 replays at 5/s: at least two 0.2 s gaps
     assert [line.split()[1] for line in run.out.splitlines()] == planted[:3]
     assert await broker.ready(queue) == 3
-    assert ids(await broker.drain(topology.dlq_name(queue))) == planted[3:]
+    assert ids(await broker.drain(routing.dlq_name(queue))) == planted[3:]
 
 
 async def test_replayed_task_runs_again_with_attempts_from_one(
@@ -349,7 +349,7 @@ async def test_replayed_task_runs_again_with_attempts_from_one(
 ) -> None:
     await start_worker()
     task_id = await broker.publish(queue, "tests.tasks.always_fails")
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     assert await until_ready(broker, dlq, 1, timeout=30)
     assert [r["attempt"] for r in executions(exec_log)] == [1, 2, 3]
 
@@ -379,7 +379,7 @@ async def test_killed_replay_loses_nothing(vhost: Vhost, queue: str, broker: Bro
     count = 600
     planted = [f"dl-{n:04d}" for n in range(count)]
     await asyncio.gather(*(dead_letter(broker, queue, "app.a", message_id=i) for i in planted))
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     assert await broker.ready(dlq) == count
 
     proc = subprocess.Popen(
@@ -416,7 +416,7 @@ async def test_replay_cut_off_by_the_broker_loses_nothing(
     count = 600  # at 50/s, 12 s: time enough for the slow rabbitmqctl calls below
     planted = [f"dl-{n:04d}" for n in range(count)]
     await asyncio.gather(*(dead_letter(broker, queue, "app.a", message_id=i) for i in planted))
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     replay = asyncio.ensure_future(hutch(vhost, "dlq", "replay", "--queue", queue, "--rate", "50"))
     assert await until_ready(broker, queue, 50, timeout=30), "replay never got going"
     # Both of the replay's connections (it consumes and publishes on separate ones).
@@ -462,7 +462,7 @@ async def test_refused_replay_stops_and_loses_nothing(
     assert "replay stopped" in run.err and "not confirmed" in run.err, run
     assert "Traceback" not in run.err
     in_queue = ids(await broker.drain(queue))
-    in_dlq = ids(await broker.drain(topology.dlq_name(queue)))
+    in_dlq = ids(await broker.drain(routing.dlq_name(queue)))
     # Quorum queues apply max-length a little loosely to publishes already in flight.
     assert 5 <= len(in_queue) < len(planted), in_queue
     assert sorted(in_queue + in_dlq) == sorted(planted)  # each in exactly one place
@@ -493,7 +493,7 @@ async def until_refused(broker: Broker, queue: str, timeout: float) -> bool:
 async def test_purge_needs_yes_and_deletes_only_matches(
     vhost: Vhost, queue: str, broker: Broker
 ) -> None:
-    dlq = topology.dlq_name(queue)
+    dlq = routing.dlq_name(queue)
     keep1 = await dead_letter(broker, queue, "app.a")
     gone1 = await dead_letter(broker, queue, "app.b", reason="bad_args")
     keep2 = await dead_letter(broker, queue, "app.b")
@@ -536,7 +536,7 @@ async def test_user_errors_say_what_to_do_and_exit_2(
     unknown = await hutch(vhost, "dlq", "ls", "--queue", "no-such-queue")
     assert unknown.code == 2 and "no dead-letter queue 'no-such-queue.dlq'" in unknown.err
     no_traceback(unknown)
-    suffixed = await hutch(vhost, "dlq", "ls", "--queue", topology.dlq_name(queue))
+    suffixed = await hutch(vhost, "dlq", "ls", "--queue", routing.dlq_name(queue))
     assert suffixed.code == 2 and "without .dlq" in suffixed.err
 
     for bad in (

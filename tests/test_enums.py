@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.continuation import FlowEvent
 from service.metrics import Metrics
 from service.ops.deadletters import REASONS, BrokerReason
 from service.pool.jobs import RestartReason
@@ -20,6 +21,7 @@ LABELS: dict[tuple[str, str], type[StrEnum]] = {
     ("hutch_messages_settled_total", "action"): Action,
     ("hutch_dead_letters_total", "reason"): Reason,
     ("hutch_child_restarts_total", "reason"): RestartReason,
+    ("hutch_flows_ended_total", "outcome"): FlowEvent,
 }
 
 

@@ -705,6 +705,7 @@ async def test_children_import_no_amqp_client_and_no_metrics() -> None:
         assert result_of(await h.run(job("loaded_modules", heavy))) == []
         assert result_of(await h.run(job("loaded_modules", ["service."]))) == [
             "service.context",
+            "service.continuation",
             "service.errors",
             "service.flow",
             "service.pool",
@@ -712,6 +713,7 @@ async def test_children_import_no_amqp_client_and_no_metrics() -> None:
             "service.pool.pipe",
             "service.protocol",
             "service.registry",
+            "service.routing",
             "service.schedules",
         ]
 

@@ -428,6 +428,7 @@ def test_reasons_are_stable_strings() -> None:
         "too_large",
         "too_deep",
         "bad_eta",
+        "bad_flow",
         "failed",
         "timeout",
         "delivery_limit",

@@ -120,6 +120,7 @@ class Delivery:
     message_id: str | None = "vector"
     reply_to: str | None = "replies"
     redelivered: bool = False
+    correlation_id: str | None = None
 
 
 @dataclass

@@ -24,7 +24,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from service import protocol, topology
+from service import protocol, routing
 from service.broker import CONNECTION_ERRORS, connect, safe_url, vhost_of
 from service.client import Client
 from service.errors import ConfigError, UsageError
@@ -68,7 +68,7 @@ def default_queue() -> str:
 
 def checked_queue(queue: str) -> str:
     try:
-        topology.check_queue_name(queue)
+        routing.check_queue_name(queue)
     except ValueError as exc:
         raise UsageError(f"--queue: {exc}") from None
     return queue

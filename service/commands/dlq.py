@@ -19,7 +19,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
-from service import protocol, topology
+from service import protocol, routing
 from service.broker import Publisher, vhost_of
 from service.commands import (
     broker_connection,
@@ -264,7 +264,7 @@ def _ls(options: argparse.Namespace) -> int:
 def _show_text(detail: Detail, index: int, count: int) -> None:
     letter = detail.letter
     where = f" ({index} of {count} copies)" if count > 1 else ""
-    print(f"dead letter {letter.id} in {topology.dlq_name(letter.queue)}{where}")
+    print(f"dead letter {letter.id} in {routing.dlq_name(letter.queue)}{where}")
     print("properties:")
     for name, value in detail.properties.items():
         print(f"  {name + ':':<17} {_value(value)}")

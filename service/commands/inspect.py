@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from service import topology
+from service import routing
 from service.broker import vhost_of
 from service.commands import broker_connection, broker_url, checked_queue, command
 from service.commands.render import table
@@ -84,7 +84,7 @@ def _inspect(options: argparse.Namespace) -> int:
                         "HUTCH_BROKER_URL"
                     ) from None
                 raise UsageError(
-                    f"{queue!r} is not a hutch queue: it has no {topology.dlq_name(queue)!r} "
+                    f"{queue!r} is not a hutch queue: it has no {routing.dlq_name(queue)!r} "
                     "(hutch workers and clients declare both)"
                 ) from None
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from service import protocol, topology
+from service import protocol, routing, topology
 from service.broker import CONNECTION_ERRORS, Publisher
 from service.errors import ProtocolError, PublishError
 from service.ops.browser import Browser
@@ -56,7 +56,7 @@ class Scan:
 
     @property
     def dlq(self) -> str:
-        return topology.dlq_name(self.queue)
+        return routing.dlq_name(self.queue)
 
     def record(self, browser: Browser) -> None:
         self.total, self.seen, self.complete = browser.total, browser.seen, browser.complete
@@ -71,7 +71,7 @@ async def list_letters(
 ) -> Scan:
     """The dead letters of ``queue`` that match, in queue order; nothing is removed."""
     scan = Scan(queue)
-    async with Browser(connection, topology.dlq_name(queue)) as browser:
+    async with Browser(connection, routing.dlq_name(queue)) as browser:
         async for message in browser:
             letter = DeadLetter.from_message(message, queue)
             if where.matches(letter):
@@ -115,7 +115,7 @@ async def find(connection: AbstractConnection, queue: str, letter_id: str) -> Fo
     scan = Scan(queue)
     exact: list[Detail] = []
     prefixed: list[Detail] = []
-    async with Browser(connection, topology.dlq_name(queue)) as browser:
+    async with Browser(connection, routing.dlq_name(queue)) as browser:
         async for message in browser:
             letter = DeadLetter.from_message(message, queue)
             if letter.id.startswith(letter_id):
@@ -198,7 +198,7 @@ async def replay(
                 report.error = report.error or (
                     f"the connection to the broker was lost ({type(exc).__name__}) after "
                     f"{letter.id} was replayed: it is now in both {queue} and "
-                    f"{topology.dlq_name(queue)}"
+                    f"{routing.dlq_name(queue)}"
                 )
                 return
             done.append(letter)
@@ -207,7 +207,7 @@ async def replay(
         finally:
             gate.release()
 
-    async with Browser(connection, topology.dlq_name(queue)) as browser:
+    async with Browser(connection, routing.dlq_name(queue)) as browser:
         matched = 0
         try:
             async for message in browser:
@@ -245,7 +245,7 @@ async def purge(
 ) -> RunReport:
     """Delete the matching dead letters of ``queue`` for good; the others stay, in order."""
     report = RunReport(Scan(queue))
-    async with Browser(connection, topology.dlq_name(queue)) as browser:
+    async with Browser(connection, routing.dlq_name(queue)) as browser:
         async for message in browser:
             letter = DeadLetter.from_message(message, queue)
             if not where.matches(letter):

@@ -17,7 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
-from service import topology
+from service import routing, topology
 from service.errors import ManagementRequired, ManagementUnavailable, QueueNotFound
 from service.ops.management import ManagementAPI, rate
 
@@ -80,7 +80,7 @@ async def inspect(
             answer = await asyncio.to_thread(api.queues, vhost)
             listed = {q["name"]: q for q in answer if isinstance(q.get("name"), str)}
         else:
-            for name in (queue, topology.dlq_name(queue)):
+            for name in (queue, routing.dlq_name(queue)):
                 found = await asyncio.to_thread(api.queue, vhost, name)
                 if found is not None:
                     listed[name] = found
@@ -90,19 +90,19 @@ async def inspect(
         error = str(exc)
 
     if queue is None:
-        names = sorted(name for name in listed if topology.dlq_name(name) in listed)
+        names = sorted(name for name in listed if routing.dlq_name(name) in listed)
     else:
         names = [queue]
     stats: list[QueueStats] = []
     for name in names:
         try:
             work = await topology.queue_counts(connection, name)
-            dead = await topology.queue_counts(connection, topology.dlq_name(name))
+            dead = await topology.queue_counts(connection, routing.dlq_name(name))
         except QueueNotFound:
             if queue is None:
                 continue  # deleted since the management API listed it
             raise
-        api_work, api_dlq = listed.get(name), listed.get(topology.dlq_name(name))
+        api_work, api_dlq = listed.get(name), listed.get(routing.dlq_name(name))
         unacked = api_work.get("messages_unacknowledged") if api_work is not None else None
         stats.append(
             QueueStats(

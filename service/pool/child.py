@@ -21,8 +21,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO, Final
 
-from service import protocol
+from service import continuation, protocol
 from service.context import TaskContext, _set_current
+from service.continuation import BUILTIN_TASKS, FlowState, Here, Transition
 from service.errors import EncodeError, ProtocolError, SoftTimeLimitExceeded
 from service.pool.jobs import Outcome, OutcomeKind
 from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame, frame
@@ -97,10 +98,22 @@ class Runner:
         spec = lookup(job.task)
         if spec is None:  # the parent checks first; this guards a mismatched child
             return _rejected(Reason.UNKNOWN_TASK, job.task)
+        here: Here | None = None
+        flow: FlowState | None = None
         try:
-            args, kwargs = protocol.decode_request(
+            args, kwargs, raw_flow = protocol.decode_flow_request(
                 job.content_type, job.body, max_depth=self.max_depth
             )
+            if raw_flow is not None or job.task in BUILTIN_TASKS:
+                here = Here(
+                    job.content_type, job.message_id, job.headers, job.reply_to, job.correlation_id
+                )
+            if job.task in BUILTIN_TASKS:
+                assert here is not None
+                return self._flow_outcome(lambda: self._builtin(job.task, args, raw_flow, here))
+            if raw_flow is not None:
+                # Checked before the step runs: a bad later step fails the flow now.
+                flow = continuation.read(raw_flow, known=_known)
             _bind(spec, args, kwargs)
         except ProtocolError as exc:
             return _rejected(exc.reason, exc.detail)
@@ -111,7 +124,7 @@ class Runner:
                 job.attempt,
                 job.deliveries,
                 job.redelivered,
-                **TaskContext.times(job.headers),
+                **TaskContext.from_headers(job.headers),
             )
         )
         try:
@@ -121,6 +134,10 @@ class Runner:
             return Outcome(OutcomeKind.ERROR, error_type=error_type, error_message=message)
         finally:
             _set_current(None)
+        if flow is not None:
+            assert here is not None
+            state = flow
+            return self._flow_outcome(lambda: continuation.advance(state, value, here))
         if not job.want_result:
             return _OK
         try:
@@ -133,6 +150,30 @@ class Runner:
                 f"result is {len(payload)} bytes, over the {self.max_result_size}-byte cap",
             )
         return Outcome(OutcomeKind.OK, payload)
+
+    @staticmethod
+    def _builtin(task: str, args: list[Any], raw_flow: Any, here: Here) -> Transition:
+        if task == continuation.FAILED_TASK:
+            return continuation.failed(continuation.read(raw_flow), here)
+        return continuation.run_builtin(task, args, here)
+
+    def _flow_outcome(self, transition: Callable[[], Transition]) -> Outcome:
+        """What follows a flow's step, as an outcome: the messages for the parent to publish
+        (the step's result travels in them), or why they cannot be built."""
+        try:
+            done = transition()
+        except ProtocolError as exc:
+            return _rejected(exc.reason, exc.detail)
+        except EncodeError as exc:
+            return _failed("UnserializableResult", str(exc))
+        for publish in done.publishes:
+            if len(publish.body) > self.max_result_size:
+                return _failed(
+                    "ResultTooLarge",
+                    f"the flow's next message is {len(publish.body)} bytes, over the "
+                    f"{self.max_result_size}-byte cap",
+                )
+        return Outcome(OutcomeKind.OK, publishes=done.publishes, flow=done.event)
 
     @staticmethod
     def _call(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -184,6 +225,10 @@ def _call_shape_error(
     except TypeError as exc:
         return str(exc)
     return None
+
+
+def _known(task: str) -> bool:
+    return lookup(task) is not None
 
 
 def _bind(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> None:

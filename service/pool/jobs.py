@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from service.continuation import FlowEvent, Publish
 from service.protocol import Reason
 from service.registry import TaskSpec
 
@@ -36,7 +37,9 @@ class Outcome:
     ``payload`` is the encoded result envelope, when the job succeeded and a result is owed.
     ``retryable`` is False for failures another attempt cannot fix (an unserializable result).
     ``reason`` is the dead-letter reason when the one who found the problem knows it (bad
-    input, say); settling falls back to ``failed`` or ``timeout``.
+    input, say); settling falls back to ``failed`` or ``timeout``. ``publishes`` are what
+    follows a flow's step (`service.continuation`), published before the ack; ``flow`` says
+    whether the flow ended with it.
     """
 
     kind: OutcomeKind
@@ -45,6 +48,8 @@ class Outcome:
     error_message: str = ""
     retryable: bool = True
     reason: Reason | None = None
+    publishes: tuple[Publish, ...] = ()
+    flow: FlowEvent | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +73,9 @@ class Job:
     want_result: bool
     delivery: Delivery
     headers: dict[str, Any] = field(default_factory=dict)  # the ones the child needs
+    # A flow's entry step carries its caller's address; the child puts it in the continuation.
+    reply_to: str | None = None
+    correlation_id: str | None = None
     id: int = 0
     started: float = 0.0
     run_seconds: float = 0.0

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import msgpack
 
+from service.continuation import FlowEvent, Publish
 from service.pool.jobs import Job, Outcome, OutcomeKind
 from service.protocol import Reason
 
@@ -45,6 +46,8 @@ class JobFrame:
     redelivered: bool
     want_result: bool
     headers: dict[str, Any]
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> JobFrame:
@@ -59,6 +62,8 @@ class JobFrame:
             redelivered=job.redelivered,
             want_result=job.want_result,
             headers=job.headers,
+            reply_to=job.reply_to,
+            correlation_id=job.correlation_id,
         )
 
     def pack(self) -> bytes:
@@ -75,6 +80,8 @@ class JobFrame:
                     self.redelivered,
                     self.want_result,
                     self.headers,
+                    self.reply_to,
+                    self.correlation_id,
                 )
             )
         )
@@ -109,6 +116,8 @@ class ResultFrame:
                     self.cpu_seconds,
                     self.rss_bytes,
                     self.run_seconds,
+                    [publish.to_tuple() for publish in o.publishes],
+                    o.flow.value if o.flow is not None else None,
                 )
             )
         )
@@ -116,7 +125,20 @@ class ResultFrame:
     @classmethod
     def unpack(cls, data: bytes) -> ResultFrame:
         fields: list[Any] = msgpack.unpackb(data)
-        job_id, kind, payload, error_type, error_message, retryable, reason, cpu, rss, run = fields
+        (
+            job_id,
+            kind,
+            payload,
+            error_type,
+            error_message,
+            retryable,
+            reason,
+            cpu,
+            rss,
+            run,
+            publishes,
+            flow,
+        ) = fields
         outcome = Outcome(
             OutcomeKind(kind),
             payload,
@@ -124,5 +146,7 @@ class ResultFrame:
             error_message,
             retryable,
             Reason(reason) if reason is not None else None,
+            tuple(Publish.from_tuple(p) for p in publishes),
+            FlowEvent(flow) if flow is not None else None,
         )
         return cls(job_id, outcome, cpu, rss, run)
