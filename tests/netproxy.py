@@ -40,6 +40,8 @@ prints its port, then takes one command a line on stdin (``cut [refuse]``,
 ``error ...``). EOF on stdin stops it.
 
 Directions: "up" is client to upstream (hutch to RabbitMQ), "down" is upstream to client.
+A reset or EOF from one end is forwarded to the other in order after its bytes (a RST as a
+RST, a FIN as a half-close); when the upstream cannot be reached the client is reset.
 
 Not modelled: latency on the TCP handshake itself (connect is immediate, only data is
 delayed), packet loss and reordering, and a refusal at ``connect()``: ``cut(refuse=True)``

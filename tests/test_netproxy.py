@@ -261,6 +261,19 @@ async def test_cut_resets_both_ends_and_refuse_lasts_until_restore(
     assert (proxy.stats.accepted, echo.connections) == (4, 3)
 
 
+async def test_an_unreachable_upstream_resets_the_client() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with FaultProxy(upstream=("127.0.0.1", port)) as proxy:
+        client = Client(*await asyncio.open_connection(proxy.host, proxy.port))
+        try:
+            assert await client.reset_or_eof(5) == "reset"
+        finally:
+            client.writer.transport.abort()
+        assert await until(lambda: proxy.stats.active == 0, 2)
+
+
 async def test_close_drops_every_connection_and_leaves_no_task(echo: Echo) -> None:
     proxy = await FaultProxy(upstream=("127.0.0.1", echo.port)).start()
     live = Client(*await asyncio.open_connection(proxy.host, proxy.port))
