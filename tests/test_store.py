@@ -14,7 +14,9 @@ import datetime as dt
 import gc
 import hashlib
 import io
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -782,3 +784,19 @@ def test_an_unreachable_s3_store_is_retriable(tmp_path: Path) -> None:
         store.open(Ref(f"s3://bucket/p/{blob_key(sha)}", 1, sha))
     assert info.value.retriable
     store.close()
+
+
+def test_the_documented_lifecycle_rule_is_accepted(moto_endpoint: str, s3_admin: Any) -> None:
+    """The S3 lifecycle rule in docs/store-protocol-draft.md §7 is valid JSON that an S3 API
+    takes as it is."""
+    draft = (Path(__file__).resolve().parent.parent / "docs/store-protocol-draft.md").read_text()
+    section = draft.split("## 7. Lifecycle", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```json\n(.*?)```", section, re.DOTALL)
+    rule = json.loads(block)
+    bucket = f"hutch-{uuid.uuid4().hex[:12]}"
+    s3_admin.create_bucket(Bucket=bucket)
+    s3_admin.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rule)
+    (stored,) = s3_admin.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert stored["Expiration"] == {"Days": 7}
+    assert stored["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    assert stored["Filter"] == {"Prefix": "prod/"}

@@ -32,7 +32,7 @@ DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 # Caps on what an untrusted reference may carry, so one cannot bloat logs or error headers.
 MAX_URL_LENGTH: Final = 2048
 MAX_CONTENT_TYPE_LENGTH: Final = 255
-MAX_SIZE_FIELD: Final = 2**63 - 1  # what every msgpack and JSON reader can hold as an integer
+MAX_SIZE_FIELD: Final = 2**53 - 1  # the largest integer every JSON reader holds exactly (JS)
 
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 # Printable ASCII: the content type may end up in a log line or an HTTP header.
@@ -61,7 +61,7 @@ class Ref:
             or isinstance(self.size, bool)
             or not 0 <= self.size <= MAX_SIZE_FIELD
         ):
-            raise BadReference(f"size must be an integer from 0 to 2^63-1, got {self.size!r:.40}")
+            raise BadReference(f"size must be an integer from 0 to 2^53-1, got {self.size!r:.40}")
         if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
             raise BadReference("sha256 must be 64 lower-case hex digits")
         if (
