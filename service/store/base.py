@@ -86,10 +86,11 @@ class Store(ABC):
 
     def get_bytes(self, ref: Ref) -> bytes:
         """The whole blob, verified, in memory."""
-        buffer = bytearray(ref.size)
-        view = memoryview(buffer)
-        got = 0
         with self.open(ref) as stream:
+            # Allocated only once open has confirmed the stored size: a ref's size is a claim.
+            buffer = bytearray(ref.size)
+            view = memoryview(buffer)
+            got = 0
             while got < ref.size:
                 n = stream.readinto(view[got : got + CHUNK])
                 if not n:

@@ -23,6 +23,7 @@ import io
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -228,17 +229,17 @@ class FileStore(Store):
             deleted_bytes += info.st_size
         return SweepReport(scanned, deleted, deleted_bytes, kept, failed, dry_run)
 
-    def _swept_files(self) -> list[str]:
-        found: list[str] = []
+    def _swept_files(self) -> Iterator[str]:
+        # One directory listed at a time: a store may hold millions of blobs.
         incoming = os.path.join(self.root, INCOMING)
         blobs = os.path.join(self.root, BLOBS)
         for directory in [incoming, *self._subdirectories(blobs)]:
             try:
                 with os.scandir(directory) as entries:
-                    found.extend(e.path for e in entries if not e.is_dir(follow_symlinks=False))
+                    files = [e.path for e in entries if not e.is_dir(follow_symlinks=False)]
             except FileNotFoundError:
                 continue
-        return found
+            yield from files
 
     @staticmethod
     def _subdirectories(path: str) -> list[str]:

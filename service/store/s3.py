@@ -34,6 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import boto3
+from boto3.exceptions import Boto3Error
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.errors import ConfigError
@@ -68,9 +71,6 @@ def make_client(
     addressing_style: str | None = None,
 ) -> S3Client:
     """An S3 client from boto3's configuration chain; arguments given here override it."""
-    import boto3  # the store-s3 extra: imported only when an s3:// store is opened
-    from botocore.config import Config
-
     config = Config(
         retries={"mode": "standard", "max_attempts": 3},
         connect_timeout=10,
@@ -218,7 +218,7 @@ class S3Store(Store):
                 self._key(blob_key(sha256)),
                 ExtraArgs={"ContentType": content_type, "MetadataDirective": "REPLACE"},
             )
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:  # Boto3Error: s3transfer's
             raise _failure(exc, f"storing {ref.url}") from exc
         finally:
             self._delete_quietly(temp)
