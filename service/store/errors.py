@@ -1,0 +1,58 @@
+"""The errors of the blob store, in two families: retry later, or never.
+
+A pool child resolving a reference needs one decision from an error: is it worth trying again?
+`BlobMissing` and `StoreUnavailable` say yes (an NFS client's attribute cache, an object not
+yet visible, a store briefly down); `BadReference` and its `BlobCorrupt` say no (the reference
+itself is wrong, or the bytes are not the ones it names), so retrying would only delay the
+dead letter. ``retriable`` carries that decision as data, so the caller needs no isinstance
+ladder.
+
+All are `HutchError`s. They live here until the message path is wired; then they move to
+`service.errors` with the rest.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from service.errors import HutchError
+
+
+class StoreError(HutchError):
+    """Something went wrong with a blob; ``detail`` says what, for people."""
+
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadReference(StoreError):
+    """A reference that must not be followed: malformed, outside the configured store (another
+    scheme, bucket, prefix or root; ``..``; a symlink out of the root), or over the size cap.
+
+    Never retried: the same reference fails the same way every time.
+    """
+
+
+class BlobCorrupt(BadReference):
+    """The blob's bytes do not match its reference (size or sha256). Never retried: a blob
+    is written once under its content's name, so it does not get better by waiting."""
+
+
+class BlobMissing(StoreError):
+    """No blob at the reference's location, yet. It may not be visible on this host so far (NFS
+    attribute cache, S3 replication) or may have been swept; retry with backoff, then give up."""
+
+    retriable = True
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer properly (I/O error, timeout, 5xx, access denied); retry later."""
+
+    retriable = True
+
+
+class BlobTooLarge(StoreError):
+    """A put would store more than the configured maximum blob size (``HUTCH_STORE_MAX_SIZE``)."""
