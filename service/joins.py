@@ -16,9 +16,10 @@ holds it: the broker hands the records, still unacked, to the next::
                                                  ├─ publish the record marked handled (confirm)
                                                  └─ ack the original (the marked copy is held)
 
-- **Bytes only.** Everything this module needs is in the records' headers; the follow-up task's
+- **Bytes only.** Everything the fan-in needs is in the records' headers; the follow-up task's
   body is the records' bodies put together (`protocol.request_of_bodies`), decoded only by the
-  pool child that runs it.
+  pool child that runs it. The rules are `service.fanin`'s (pure, tested with random crash
+  points); this module receives the records and carries out its effects.
 - **Once, or twice with the same id.** A follow-up is published on the connection that holds the
   records: once the broker has closed it, nothing more from it is routed. The one repeat
   possible (the holder died between the follow-up's confirm and the acks) carries the same
@@ -42,8 +43,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aio_pika
@@ -53,7 +52,7 @@ from service import continuation, protocol, routing, topology
 from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
 from service.delivery import Delivery
 from service.errors import PublishError
-from service.flow import MAX_GROUP_WIDTH
+from service.fanin import Ack, Done, Effect, FanIn, FollowUp, Keep, Refuse, read_record
 from service.observer import Observer
 from service.protocol import Reason
 from service.republish import copy_message, publisher_headers
@@ -61,68 +60,7 @@ from service.republish import copy_message, publisher_headers
 log = logging.getLogger(__name__)
 
 TICK: Final = 5.0  # seconds between housekeeping rounds (compaction, max age, metrics)
-DONE_REMEMBERED: Final = 100_000  # completed fan-ins remembered, to drop their late repeats
 _BACKOFF_START, _BACKOFF_MAX = 0.5, 15.0
-
-
-@dataclass(slots=True)
-class _Held:
-    delivery: Delivery
-    since: float  # loop time it was received: when it must be compacted
-    ok: bool
-
-
-@dataclass(slots=True)
-class _Join:
-    """One open fan-in: the latest record of each member seen so far."""
-
-    key: str
-    flow: str
-    size: int
-    queue: str
-    content_type: str
-    opened_ms: int  # the earliest record's write time (Unix ms): the fan-in's age
-    members: dict[int, _Held] = field(default_factory=dict)
-
-    def complete(self) -> bool:
-        return len(self.members) == self.size and all(h.ok for h in self.members.values())
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    """What a record's headers say."""
-
-    key: str
-    flow: str
-    index: int
-    size: int
-    ok: bool
-    queue: str
-    at_ms: int
-    handled: bool
-
-
-def _record_of(message: Delivery) -> _Record | str:
-    """The record a delivery is, or what is wrong with it."""
-    h = message.headers
-    key, flow = h.get(protocol.JOIN_HEADER), h.get(protocol.FLOW_HEADER)
-    index = protocol.int_header(h, protocol.JOIN_INDEX_HEADER)
-    size = protocol.int_header(h, protocol.JOIN_SIZE_HEADER)
-    ok, queue = h.get(protocol.JOIN_OK_HEADER), h.get(protocol.JOIN_QUEUE_HEADER)
-    if not (isinstance(key, str) and key and isinstance(flow, str) and flow):
-        return f"{protocol.JOIN_HEADER} and {protocol.FLOW_HEADER} must be strings"
-    if size is None or not 1 <= size <= MAX_GROUP_WIDTH:
-        return f"{protocol.JOIN_SIZE_HEADER} must be 1 to {MAX_GROUP_WIDTH}"
-    if index is None or not 0 <= index < size:
-        return f"{protocol.JOIN_INDEX_HEADER} must be 0 to {protocol.JOIN_SIZE_HEADER} - 1"
-    if not isinstance(ok, bool) or not (isinstance(queue, str) and queue):
-        return (
-            f"{protocol.JOIN_OK_HEADER} must be a boolean and {protocol.JOIN_QUEUE_HEADER} a queue"
-        )
-    if protocol.media_type(message.content_type) is None:
-        return f"content type {message.content_type!r} is not one hutch reads"
-    at = protocol.int_header(h, protocol.JOIN_AT_HEADER) or int(time.time() * 1000)
-    return _Record(key, flow, index, size, ok, queue, at, bool(h.get(protocol.JOIN_HANDLED_HEADER)))
 
 
 class Joins:
@@ -150,17 +88,12 @@ class Joins:
     ) -> None:
         self._url = url
         self.capacity = capacity
-        self.max_age = max_age
-        self.compact_after = compact_after
+        self.book: FanIn[Delivery] = FanIn(max_age=max_age, compact_after=compact_after)
         self._observer = observer or Observer()
         self._name = name
         self._closed = False
         self._wake = asyncio.Event()
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._joins: dict[str, _Join] = {}
-        self._failed: dict[str, set[tuple[str, int]]] = {}  # flow -> failed members held
-        self._handled: set[str] = set()  # flows whose failure was handed on
-        self._done: OrderedDict[str, None] = OrderedDict()  # completed fan-ins (survive reconnects)
         self._last_report: tuple[int, int, float] | None = None
 
     # -- the loop -------------------------------------------------------------------------
@@ -197,15 +130,9 @@ class Joins:
         self._closed = True
         self._wake.set()
 
-    @property
-    def held(self) -> int:
-        return sum(len(join.members) for join in self._joins.values())
-
     def _lost(self) -> None:
         # The broker requeues every record held on a closed connection: start again empty.
-        self._joins.clear()
-        self._failed.clear()
-        self._handled.clear()
+        self.book.lost()
         while not self._inbox.empty():
             self._inbox.get_nowait()
         self._report()
@@ -230,9 +157,14 @@ class Joins:
             next_tick = loop.time() + TICK
             while not lost.is_set() and not self._closed:
                 while not self._inbox.empty():
-                    await self._take(channel, self._inbox.get_nowait())
+                    message = self._inbox.get_nowait()
+                    record = read_record(message.headers, message.content_type)
+                    await self._carry_out(
+                        channel, self.book.take(message, record, message.body, loop.time())
+                    )
                 if loop.time() >= next_tick:
-                    await self._housekeep(channel)
+                    now_ms = int(time.time() * 1000)
+                    await self._carry_out(channel, self.book.housekeep(now_ms, loop.time()))
                     next_tick = loop.time() + TICK
                 self._report()
                 await self._sleep(next_tick - loop.time())
@@ -253,131 +185,30 @@ class Joins:
             async with asyncio.timeout(max(0.0, seconds)):
                 await self._wake.wait()
 
-    # -- records ----------------------------------------------------------------------------
+    # -- effects ----------------------------------------------------------------------------
 
-    async def _take(self, channel: aio_pika.abc.AbstractChannel, message: Delivery) -> None:
-        record = _record_of(message)
-        if isinstance(record, str):
-            await self._dead_letter(channel, message, record)
-            return
-        if record.key in self._done:
-            await message.ack()  # a member repeated after its fan-in completed
-            return
-        join = self._joins.get(record.key)
-        if join is None:
-            join = self._joins[record.key] = _Join(
-                record.key,
-                record.flow,
-                record.size,
-                record.queue,
-                protocol.media_type(message.content_type) or protocol.MSGPACK,
-                record.at_ms,
-            )
-        elif join.size != record.size:
-            await self._dead_letter(
-                channel, message, f"fan-in {record.key} has {join.size} members, not {record.size}"
-            )
-            return
-        join.opened_ms = min(join.opened_ms, record.at_ms)
-        old = join.members.get(record.index)
-        join.members[record.index] = _Held(message, asyncio.get_running_loop().time(), record.ok)
-        if old is not None:
-            await old.delivery.ack()  # the later record of a member replaces the earlier
-            if not old.ok:
-                self._forget_failure(record.flow, record.key, record.index)
-        if not record.ok:
-            await self._failed_member(channel, join, record, message)
-        elif record.flow not in self._failed:
-            # Complete fan-ins of a failed flow wait: a replay of the failed member resumes it.
-            for ready in [j for j in self._joins.values() if j.flow == record.flow]:
-                if ready.complete():
-                    await self._complete(channel, ready)
-
-    def _forget_failure(self, flow: str, key: str, index: int) -> None:
-        """A failed member's record is gone: replaced by a later one (a replay that
-        succeeded), or dropped with its fan-in."""
-        failed = self._failed.get(flow)
-        if failed is None:
-            return
-        failed.discard((key, index))
-        if not failed:
-            # Nothing failed is held any more: a new failure of this flow ends it again.
-            del self._failed[flow]
-            self._handled.discard(flow)
-
-    async def _failed_member(
-        self,
-        channel: aio_pika.abc.AbstractChannel,
-        join: _Join,
-        record: _Record,
-        message: Delivery,
+    async def _carry_out(
+        self, channel: aio_pika.abc.AbstractChannel, effects: list[Effect[Delivery]]
     ) -> None:
-        self._failed.setdefault(record.flow, set()).add((record.key, record.index))
-        if record.flow in self._handled:
-            return
-        if record.handled:
-            self._handled.add(record.flow)
-            return
-        body = protocol.request_of_bodies(join.content_type, [message.body])
-        await self._follow_up(
-            channel, join, continuation.ABORT_TASK, body, f"{record.flow}:abort", step="abort"
-        )
-        headers = publisher_headers(message)
-        headers[protocol.JOIN_HANDLED_HEADER] = True
-        await _publish(channel, copy_message(message, headers), routing.JOINS_QUEUE)
-        # The marked copy takes this record's place when it comes back.
-        del join.members[record.index]
-        self._handled.add(record.flow)
-        await message.ack()
-        log.info("flow %s failed in fan-in %s (member %d)", record.flow, join.key, record.index)
+        """Each effect in order; a failure ends the session (what is unacked comes back)."""
+        for effect in effects:
+            if isinstance(effect, Ack):
+                await effect.token.ack()
+            elif isinstance(effect, FollowUp):
+                await _publish(channel, _follow_up_message(effect), effect.queue)
+                if effect.task == continuation.ABORT_TASK:
+                    log.info("fan-in ends flow %s as failed", effect.flow)
+            elif isinstance(effect, Done):
+                self.book.done(effect.key)
+            elif isinstance(effect, Keep):
+                headers = publisher_headers(effect.token)
+                if effect.handled:
+                    headers[protocol.JOIN_HANDLED_HEADER] = True
+                await _publish(channel, copy_message(effect.token, headers), routing.JOINS_QUEUE)
+            elif isinstance(effect, Refuse):
+                await self._refuse(channel, effect.token, effect.detail)
 
-    async def _complete(self, channel: aio_pika.abc.AbstractChannel, join: _Join) -> None:
-        bodies = [join.members[i].delivery.body for i in range(join.size)]
-        body = protocol.request_of_bodies(join.content_type, bodies)
-        await self._follow_up(
-            channel, join, continuation.JOIN_TASK, body, f"{join.key}:join", step="join"
-        )
-        await self._drop(join)
-        self._remember(join.key)
-
-    async def _follow_up(
-        self,
-        channel: aio_pika.abc.AbstractChannel,
-        join: _Join,
-        task: str,
-        body: bytes,
-        message_id: str,
-        *,
-        step: str,
-    ) -> None:
-        message = aio_pika.Message(
-            body,
-            headers={
-                protocol.TASK_HEADER: task,
-                protocol.FLOW_HEADER: join.flow,
-                protocol.FLOW_STEP_HEADER: f"{join.key.partition(':')[2]}:{step}",
-            },
-            content_type=join.content_type,
-            message_id=message_id,
-            timestamp=time.time(),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        await _publish(channel, message, join.queue)
-
-    async def _drop(self, join: _Join) -> None:
-        """Ack every record of a fan-in that is done with (completed, or expired)."""
-        for index, held in join.members.items():
-            await held.delivery.ack()
-            if not held.ok:
-                self._forget_failure(join.flow, join.key, index)
-        del self._joins[join.key]
-
-    def _remember(self, key: str) -> None:
-        self._done[key] = None
-        while len(self._done) > DONE_REMEMBERED:
-            self._done.popitem(last=False)
-
-    async def _dead_letter(
+    async def _refuse(
         self, channel: aio_pika.abc.AbstractChannel, message: Delivery, detail: str
     ) -> None:
         log.warning("dead-lettering fan-in record %s: %s", message.message_id, detail)
@@ -396,63 +227,28 @@ class Joins:
         )
         await message.ack()
 
-    # -- housekeeping -----------------------------------------------------------------------
-
-    async def _housekeep(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        now_ms = int(time.time() * 1000)
-        for join in [j for j in self._joins.values() if now_ms - j.opened_ms > self.max_age * 1000]:
-            await self._expire(channel, join, now_ms)
-        cutoff = asyncio.get_running_loop().time() - self.compact_after
-        for join in list(self._joins.values()):
-            for index, held in list(join.members.items()):
-                if held.since < cutoff:
-                    await self._compact(channel, join, index, held)
-
-    async def _expire(
-        self, channel: aio_pika.abc.AbstractChannel, join: _Join, now_ms: int
-    ) -> None:
-        """A fan-in open past `max_age`: end its flow as failed, unless it already was."""
-        if join.flow not in self._handled:
-            missing = sorted(set(range(join.size)) - set(join.members))
-            error = {
-                "type": "JoinTimeout",
-                "message": (
-                    f"fan-in {join.key} was still waiting for member(s) {missing} after "
-                    f"{(now_ms - join.opened_ms) / 1000:.0f}s (max age {self.max_age:g}s)"
-                ),
-                "reason": str(Reason.TIMEOUT),
-            }
-            any_member = next(iter(join.members.values())).delivery.body
-            body = protocol.request_of_bodies(join.content_type, [any_member], error)
-            await self._follow_up(
-                channel, join, continuation.ABORT_TASK, body, f"{join.flow}:abort", step="abort"
-            )
-            log.warning("%s", error["message"])
-        await self._drop(join)
-        self._remember(join.key)
-
-    async def _compact(
-        self, channel: aio_pika.abc.AbstractChannel, join: _Join, index: int, held: _Held
-    ) -> None:
-        """Republish a long-held record and ack the original: the copy comes back to be held
-        in its place, its delivery count and the broker's consumer_timeout clock at zero."""
-        message = held.delivery
-        await _publish(
-            channel, copy_message(message, publisher_headers(message)), routing.JOINS_QUEUE
-        )
-        del join.members[index]
-        if not join.members:
-            del self._joins[join.key]
-        await message.ack()
-
     def _report(self) -> None:
-        now_ms = int(time.time() * 1000)
-        open_joins = len(self._joins)
-        oldest = max((now_ms - j.opened_ms for j in self._joins.values()), default=0) / 1000
-        report = (open_joins, self.held, round(oldest))
+        book = self.book
+        oldest = book.oldest_seconds(int(time.time() * 1000))
+        report = (book.open, book.held, round(oldest))
         if report != self._last_report:
             self._last_report = report
-            self._observer.on_joins(open_joins, self.held, max(0.0, oldest))
+            self._observer.on_joins(book.open, book.held, max(0.0, oldest))
+
+
+def _follow_up_message(effect: FollowUp) -> aio_pika.Message:
+    return aio_pika.Message(
+        effect.body,
+        headers={
+            protocol.TASK_HEADER: effect.task,
+            protocol.FLOW_HEADER: effect.flow,
+            protocol.FLOW_STEP_HEADER: effect.step,
+        },
+        content_type=effect.content_type,
+        message_id=effect.message_id,
+        timestamp=time.time(),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
 
 
 async def _publish(
