@@ -95,3 +95,13 @@ def boom(*args: Any) -> None:
 @task
 def pid_of(x: Any = None) -> int:
     return os.getpid()
+
+
+@task(max_attempts=1)
+def scan_while(file: dict[str, Any], flag: str) -> dict[str, Any]:
+    """Fails for good while the file ``flag`` exists (a cause an operator fixes, then replays)."""
+    _flow_record("start")
+    if os.path.exists(flag):
+        raise ValueError(f"infected while {flag} exists")
+    _flow_record("done")
+    return {"clean": True, "digest": file["sha"][:16]}

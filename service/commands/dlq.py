@@ -79,6 +79,14 @@ def add_parser(commands: Any) -> None:
         "--id", action="append", default=[], metavar="ID", help="dead letter id, as ls shows it"
     )
     chosen.add_argument(
+        "--flow",
+        action="append",
+        default=[],
+        metavar="FLOW",
+        help="the steps of this flow (a flow's step ids are FLOW:STEP); replaying a failed "
+        "step resumes its flow",
+    )
+    chosen.add_argument(
         "--limit",
         type=flag_type(positive_int),
         metavar="N",
@@ -146,6 +154,7 @@ def _filter(options: argparse.Namespace) -> Filter:
             reasons=tuple(options.reason),
             ids=tuple(options.id),
             since=parse_since(options.since) if options.since else None,
+            flows=tuple(options.flow),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

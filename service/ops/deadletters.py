@@ -3,8 +3,8 @@
 A dead letter was put there by a hutch worker (``x-hutch-*`` headers: reason, error, attempts) or
 by RabbitMQ itself (``x-first-death-*`` and ``x-death``, when its own delivery limit or a TTL
 dead-lettered it). `DeadLetter` reads either into one summary; `Filter` and `parse_since` are
-what ``hutch dlq --task/--reason/--id/--since`` build; `replay_copy` is the fresh task a replay
-publishes. Nothing here talks to the broker (`service.ops.dlq` does).
+what ``hutch dlq --task/--reason/--id/--flow/--since`` build; `replay_copy` is the fresh task a
+replay publishes. Nothing here talks to the broker (`service.ops.dlq` does).
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class DeadLetter:
     replays: int
     content_type: str | None
     size: int
+    flow: str | None = None  # a flow's step: the flow id and the step's path
+    step: str | None = None
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage, queue: str) -> DeadLetter:
@@ -133,6 +135,8 @@ class DeadLetter:
             replays=max(0, protocol.int_header(headers, protocol.REPLAYS_HEADER) or 0),
             content_type=message.content_type,
             size=len(message.body),
+            flow=_text(headers.get(protocol.FLOW_HEADER)),
+            step=_text(headers.get(protocol.FLOW_STEP_HEADER)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -152,6 +156,8 @@ class DeadLetter:
             "replays": self.replays,
             "content_type": self.content_type,
             "size": self.size,
+            "flow": self.flow,
+            "step": self.step,
         }
 
 
@@ -194,6 +200,7 @@ class Filter:
     reasons: tuple[str, ...] = ()
     ids: tuple[str, ...] = ()
     since: dt.datetime | None = None
+    flows: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for reason in self.reasons:
@@ -205,6 +212,8 @@ class Filter:
 
     def matches(self, letter: DeadLetter) -> bool:
         if self.ids and letter.id not in self.ids:
+            return False
+        if self.flows and letter.flow not in self.flows:
             return False
         if self.reasons and letter.reason not in self.reasons:
             return False
@@ -218,6 +227,7 @@ class Filter:
 
     def __str__(self) -> str:
         parts = [f"id={i}" for i in self.ids]
+        parts += [f"flow={f}" for f in self.flows]
         parts += [f"task={t}" for t in self.tasks]
         parts += [f"reason={r}" for r in self.reasons]
         if self.since is not None:
