@@ -28,11 +28,17 @@ from service import protocol, topology
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = os.environ.get("HUTCH_TEST_BROKER", "guest:guest@127.0.0.1:5672")
+# The node rabbitmqctl talks to: the default one unless HUTCH_TEST_NODE names another, so a
+# test that restarts the broker can run against a private node without disturbing the rest.
+NODE = os.environ.get("HUTCH_TEST_NODE")
 
 
 def rabbitmqctl(*args: str, check: bool = True) -> str:
     result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=120
+        ["rabbitmqctl", "-q", *(["-n", NODE] if NODE else []), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if check and result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
@@ -67,6 +73,17 @@ class Vhost:
                     "consumers": int(parts[3]),
                 }
         raise KeyError(queue)
+
+    def messages_held(self) -> dict[str, int]:
+        """Every queue of the vhost that holds messages, with how many (ready + unacked):
+        where lost-looking messages actually are, for a failing test's message."""
+        out = rabbitmqctl("list_queues", "-p", self.name, "name", "messages")
+        held = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) > 0:
+                held[parts[0]] = int(parts[1])
+        return held
 
     def close_all_connections(self) -> None:
         rabbitmqctl("close_all_connections", "-p", self.name, "test: connection loss")

@@ -200,7 +200,8 @@ async def delayed_soak(
         f"{statistics.median(lateness):.2f}s p99 {p99:.2f}s; max unacked in Q {max_unacked}; "
         f"worker RSS growth {growth:.1f} MB"
     )  # shown with pytest -s
-    assert report.lost == set() and report.unexpected == set(), report
+    held = vhost.messages_held() if report.lost else {}
+    assert report.lost == set() and report.unexpected == set(), (report, held)
     assert early == []
     assert max_unacked <= 2 * (2 + 2), max_unacked  # two workers' running + buffer, no more
     assert growth < 10, rss
