@@ -139,7 +139,10 @@ async def delayed_soak(
     each worker restarted in turn and the broker once while they wait."""
     from tests.conftest import rabbitmqctl
 
-    workers = [await start_worker(), await start_worker()]
+    # A fixed prefetch (concurrency 2 + buffer 2) makes the bound on unacked deliveries exact:
+    # the time-sized window would grow it for these instant tasks as they come due.
+    fixed = {"HUTCH_PREFETCH_TIME": "0"}
+    workers = [await start_worker(**fixed), await start_worker(**fixed)]
     start = time.time() + 2
     etas: dict[str, int] = {}
     async with AsyncClient(vhost.url, queue=queue) as client:
@@ -173,7 +176,7 @@ async def delayed_soak(
     try:
         await asyncio.sleep(spread / 4)
         workers[0].stop()  # SIGTERM: drains, exits
-        workers[0] = await start_worker()
+        workers[0] = await start_worker(**fixed)
         await asyncio.sleep(spread / 4)
         try:
             rabbitmqctl("stop_app")
@@ -183,7 +186,7 @@ async def delayed_soak(
             rabbitmqctl("await_startup")
         await asyncio.sleep(spread / 4)
         workers[1].stop()
-        workers[1] = await start_worker()
+        workers[1] = await start_worker(**fixed)
         deadline = time.time() + spread / 4 + 60
         while time.time() < deadline and check(set(etas), exec_log).lost:
             await asyncio.sleep(0.5)
