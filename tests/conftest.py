@@ -27,6 +27,7 @@ import pytest
 from service import protocol, topology
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.cluster"]  # the private three-node cluster's fixtures
 BROKER = os.environ.get("HUTCH_TEST_BROKER", "guest:guest@127.0.0.1:5672")
 # The node rabbitmqctl talks to: the default one unless HUTCH_TEST_NODE names another, so a
 # test that restarts the broker can run against a private node without disturbing the rest.
