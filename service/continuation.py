@@ -20,7 +20,7 @@ or, inside a group, a failed record, so that the fan-in ends the flow once (``hu
 however many members fail. Every message of a flow has a ``message_id`` made of the flow id and
 the step's path, so a step repeated by a crash carries the same id as its first run.
 
-The continuation (normative text: docs/protocol.md §10)::
+The continuation (normative text: docs/protocol.md §12)::
 
     flow  = {"v": 1, "id": str, "step": path, "queue": str, "k": [frame, ...],
              "on_error": step node | null, "reply": {"to": str, "id": str} | null}

@@ -177,7 +177,16 @@ class FanIn(Generic[T]):
         return sum(len(join.members) for join in self._joins.values())
 
     def oldest_seconds(self, now_ms: int) -> float:
-        return max((now_ms - j.opened_ms for j in self._joins.values()), default=0) / 1000
+        """Age of the oldest fan-in still waiting for members. A failed flow's fan-ins are
+        left out: the flow has ended, they are only kept (until `max_age`) for a replay, and
+        counting them would make every failure look like a stuck flow (HutchFlowJoinStuck)."""
+        return (
+            max(
+                (now_ms - j.opened_ms for j in self._joins.values() if j.flow not in self._handled),
+                default=0,
+            )
+            / 1000
+        )
 
     def done(self, key: str) -> None:
         """Remember a completed fan-in (see `Done`); the oldest are forgotten first."""

@@ -19,7 +19,7 @@ results arrive as one list, in member order::
     )
     flow_id = client.submit(flow)
 
-How a flow travels and what it guarantees: `service.continuation` and docs/protocol.md §10.
+How a flow travels and what it guarantees: `service.continuation` and docs/protocol.md §12.
 """
 
 from __future__ import annotations

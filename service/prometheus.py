@@ -276,7 +276,8 @@ class _CountsCollector(Collector):
             ),
             (
                 "hutch_flow_join_oldest_seconds",
-                "Age of the oldest open fan-in this worker holds (0 with none).",
+                "Age of the oldest fan-in this worker holds that still waits for members "
+                "(0 with none; failed flows' fan-ins, kept for a replay, are left out).",
                 c.join_oldest_seconds,
             ),
             (

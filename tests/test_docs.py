@@ -53,3 +53,28 @@ def test_architecture_map_lists_every_module() -> None:
     modules.discard("__init__.py")
     named.discard("__init__.py")
     assert named == modules
+
+
+def test_operations_metrics_table_lists_every_metric() -> None:
+    """docs/operations.md "Metrics" names each hutch_* family a worker exports, and no other."""
+    from service.metrics import Metrics
+    from service.schedules import Schedule, every
+    from service.settle import TaskOutcome
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(hutch_\w+)` \|", table, flags=re.MULTILINE))
+    metrics = Metrics("q")
+    metrics.add_task("t")
+    metrics.on_finished("t", TaskOutcome.SUCCESS, 0.1, 0.0)  # the last-success gauge appears
+    metrics.add_schedule(Schedule("t", every(seconds=60)))  # the schedule series appear
+    metrics.on_leader(True)
+    metrics.on_fire("t", 60_000)
+    exported: set[str] = set()
+    for family in metrics.registry.collect():
+        if family.name.startswith("hutch_"):
+            # A counter family is named without its _total; the docs use the sample's name.
+            exported.add(family.name + "_total" if family.type == "counter" else family.name)
+    assert documented == exported, (
+        f"undocumented: {exported - documented}, not exported: {documented - exported}"
+    )

@@ -134,6 +134,20 @@ def test_the_first_failed_member_aborts_the_flow_once() -> None:
     assert fanin.held == 3
 
 
+def test_oldest_age_counts_fan_ins_still_waiting_not_failed_flows_kept_for_replay() -> None:
+    fanin = book()
+    take(fanin, record_msg("waiting", "1", 0, 2, at_ms=5_000))
+    take(fanin, record_msg("failed", "1", 0, 2, at_ms=1_000))
+    assert fanin.oldest_seconds(11_000) == 10.0  # "failed" is older, and still waiting
+    bad = record_msg("failed", "1", 1, 2, ok=False, at_ms=1_000)
+    take(fanin, bad)
+    take(fanin, Msg({**bad.headers, protocol.JOIN_HANDLED_HEADER: True}, bad.body))
+    # Its flow has ended; its records stay for a replay but are not a stuck fan-in.
+    assert fanin.open == 2 and fanin.oldest_seconds(11_000) == 6.0
+    fanin.lost()
+    assert fanin.oldest_seconds(11_000) == 0.0
+
+
 def test_a_marked_record_from_an_earlier_holder_does_not_abort_again() -> None:
     fanin = book()
     marked = record_msg("f", "1", 0, 2, ok=False)

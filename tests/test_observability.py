@@ -237,7 +237,7 @@ def test_dashboard_structure() -> None:
                 assert target["datasource"] == DATASOURCE, panel["title"]
                 assert target["expr"].strip(), panel["title"]
         titles = {p["title"] for p in all_panels(dashboard) if p["type"] == "row"}
-        for needed in ("Throughput", "Latency", "Backlog", "Pool", "Broker"):
+        for needed in ("Throughput", "Latency", "Backlog", "Pool", "Broker", "Flows"):
             assert any(needed in title for title in titles), f"no {needed} row"
 
 
