@@ -276,3 +276,44 @@ async def test_pipeline_example_ends_every_flow_once(
     assert {m.headers[protocol.TASK_HEADER] for m in dead} == {"examples.pipeline_tasks.virus_scan"}
     assert len({m.headers[protocol.FLOW_HEADER] for m in dead}) == 3
     assert await broker.ready(queue) == 0
+
+
+# -- examples/node/flow.mjs: a two-step flow started by publishing its headers and body -------
+
+
+@pytest.mark.parametrize("content_type", [protocol.MSGPACK, protocol.JSON])
+async def test_node_starts_a_two_step_flow(
+    content_type: str, start_worker: Any, broker: Broker, vhost: Vhost, queue: str
+) -> None:
+    missing_or_skip(need_node())
+    worker = await start_worker("--tasks", "examples.tasks")
+    example = Example(
+        "node-flow",
+        ["node", "flow.mjs"],
+        EXAMPLES / "node",
+        need_node,
+        content_type,
+        "bad_args",
+        env={"HUTCH_CONTENT_TYPE": content_type},
+    )
+
+    code, out, seconds = await run(example, vhost, queue)
+    report = f"flow.mjs exited {code} after {seconds:.1f} s:\n{out}\nworker log:\n{worker.log()}"
+    print(report)
+    assert code == 0, report
+    assert "all checks passed" in out and "FAILED" not in out, report
+    assert "ok: chain(add(2, b=3), add(10)) = 15" in out, report
+    assert "ok: the failed flow's error result names its step 1" in out, report
+
+    # The broker's view: the failed second step is the one dead letter, naming its flow.
+    dead = await broker.drain(f"{queue}.dlq")
+    assert len(dead) == 1, [(m.headers, m.body) for m in dead]
+    letter = dead[0]
+    assert letter.headers[protocol.FLOW_STEP_HEADER] == "1"
+    assert letter.headers[protocol.TASK_HEADER] == "add"
+    assert letter.content_type == content_type
+    flow_id = letter.headers[protocol.FLOW_HEADER]
+    assert letter.message_id == f"{flow_id}:1"
+    assert f"result of flow {flow_id}: " in out, report
+    assert await broker.ready(queue) == 0
+    assert worker.proc is not None and worker.proc.poll() is None, worker.log()
