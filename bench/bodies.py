@@ -44,3 +44,9 @@ def calibrate(target_ms: float = 50.0, trials: int = 7) -> float:
         spin(iterations)
         best = min(best, time.perf_counter() - started)
     return iterations / (best * 1000)
+
+
+def relay(value: object = None) -> object:
+    """A no-op step of a flow: returns its input (the previous step's result), so a chain of
+    relays passes one value along and a fan-in's list comes out whole."""
+    return value

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import peer_workloads, workloads
+from bench import flow_workloads, peer_workloads, workloads
 from bench.harness import loadavg
 from bench.peer_workloads import PEERS, Peer
 from bench.report import Metric
@@ -167,6 +167,10 @@ def show_per_s(result: dict[str, Any]) -> str:
         if "broker_cpu_us_per_task" in result:
             text += f", broker {result['broker_cpu_us_per_task']:.0f} us"
     return text
+
+
+def show_flows(result: dict[str, Any]) -> str:
+    return f"{result['per_s']:,.0f} flows/s in {result['seconds']:.3f}s"
 
 
 def show_drain(result: dict[str, Any]) -> str:
@@ -401,6 +405,74 @@ async def delayed(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
             "same, no countdown",
             None,
             "delayed",
+        ),
+    ], c.runs
+
+
+async def flow_chain(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
+    """A 3-step chain against its three tasks called one by one (each call awaited)."""
+    c = await compare(
+        "flow_chain",
+        cfg,
+        [
+            ("flow", lambda: flow_workloads.latency(cfg, "chain3", "flow")),
+            ("calls", lambda: flow_workloads.latency(cfg, "chain3", "calls")),
+        ],
+        show_latency,
+    )
+    label = f"call chain(3 no-op steps) x {cfg.flow_calls}: p50 per flow"
+    by_hand = "3 calls one by one"
+    return [
+        c.row("p50_ms", label, "ms", "p50_ms", "calls", by_hand, side="flow"),
+        c.row("p99_ms", "  p99", "ms", "p99_ms", "calls", by_hand, side="flow"),
+    ], c.runs
+
+
+async def flow_fanin(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
+    """chain(group(a, b), c) against a, b, c called one by one, and against a and b called at
+    once by the client, then c."""
+    c = await compare(
+        "flow_fanin",
+        cfg,
+        [
+            ("flow", lambda: flow_workloads.latency(cfg, "fanin2", "flow")),
+            ("calls", lambda: flow_workloads.latency(cfg, "fanin2", "calls")),
+            ("gathered", lambda: flow_workloads.latency(cfg, "fanin2", "gathered")),
+        ],
+        show_latency,
+    )
+    label = f"call chain(group(2 no-ops), no-op) x {cfg.flow_calls}: p50 per flow"
+    return [
+        c.row("p50_ms", label, "ms", "p50_ms", "calls", "3 calls one by one", side="flow"),
+        c.row("p99_ms", "  p99", "ms", "p99_ms", "calls", "3 calls one by one", side="flow"),
+        c.row(
+            "p50_ms_vs_gathered",
+            "  p50",
+            "ms",
+            "p50_ms",
+            "gathered",
+            "2 calls at once, then 1",
+            side="flow",
+        ),
+    ], c.runs
+
+
+async def flows(cfg: Config) -> tuple[list[Metric], dict[str, Any]]:
+    """Throughput of many concurrent flows of the example's shape (a step, a 2-way group, a
+    step) against the same four tasks driven by the client (1, then 2 at once, then 1)."""
+    c = await compare(
+        "flows",
+        cfg,
+        [
+            ("flow", lambda: flow_workloads.throughput(cfg, "flow")),
+            ("calls", lambda: flow_workloads.throughput(cfg, "calls")),
+        ],
+        show_flows,
+    )
+    label = f"{cfg.concurrent_flows} concurrent chain(a, group(b, c), d): flows/s"
+    return [
+        c.row(
+            "per_s", label, "flows/s", "per_s", "calls", "the same calls by the client", side="flow"
         ),
     ], c.runs
 

@@ -35,6 +35,7 @@ from bench.workloads import NOOP, Config
 
 WORKLOADS = (
     "noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "delayed", "memory",
+    "flow_chain", "flow_fanin", "flows",
 )  # fmt: skip
 
 
@@ -71,8 +72,10 @@ async def profile_drain(cfg: Config, opts: argparse.Namespace) -> dict[str, Any]
 def config(opts: argparse.Namespace, iters_per_ms: float, peers: dict[str, str | None]) -> Config:
     if opts.quick:
         noop, cpu_n, calls, warmup, submits = 300, 200, 100, 10, 300
+        flow_calls, concurrent_flows = 20, 50
     else:
         noop, cpu_n, calls, warmup, submits = 20_000, 2_000, 500, 20, 20_000
+        flow_calls, concurrent_flows = 300, 1000
     return Config(
         quick=opts.quick,
         repeat=opts.repeat,
@@ -89,6 +92,8 @@ def config(opts: argparse.Namespace, iters_per_ms: float, peers: dict[str, str |
         iters_per_ms=iters_per_ms,
         # a start-up is one short sample: more of them, still alternating
         startup_rounds=opts.repeat * (1 if opts.quick else 3),
+        flow_calls=flow_calls,
+        concurrent_flows=concurrent_flows,
         peers=peers,
     )
 
@@ -177,6 +182,9 @@ async def run_workloads(
         "publish": lambda: compare.publish(cfg),
         "delayed": lambda: compare.delayed(cfg),
         "memory": lambda: compare.footprint(cfg),
+        "flow_chain": lambda: compare.flow_chain(cfg),
+        "flow_fanin": lambda: compare.flow_fanin(cfg),
+        "flows": lambda: compare.flows(cfg),
     }
     metrics: list[Metric] = []
     output: dict[str, Any] = {"meta": meta, "workloads": {}}

@@ -61,6 +61,8 @@ class Config:
     poll: float
     iters_per_ms: float
     startup_rounds: int  # start-ups per contender (each is one short sample)
+    flow_calls: int  # sequential flows per latency run (`bench.flow_workloads`)
+    concurrent_flows: int  # flows in flight at once in the throughput run
     # The peers asked for (--peers), by name: None if it can run, else why not.
     peers: dict[str, str | None] = field(default_factory=dict)
 

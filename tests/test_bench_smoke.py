@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = (
     "noop_drain", "startup", "cpu_5ms", "cpu_0_5ms", "roundtrip", "publish", "delayed", "memory",
+    "flow_chain", "flow_fanin", "flows",
 )  # fmt: skip
 PEERS = ("Celery", "Dramatiq")
 NO_REDIS = shutil.which("redis-server") is None

@@ -15,7 +15,9 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,5 +219,101 @@ async def test_example_against_a_live_worker(
     )
     if example.reads_headers:
         assert letter.message_id and letter.message_id in out  # the id the example printed
+    assert await broker.ready(queue) == 0
+    assert worker.proc is not None and worker.proc.poll() is None, worker.log()
+
+
+# -- examples/pipeline.py: the upload -> (scan || metadata) -> finalize flows --------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_pipeline_example_ends_every_flow_once(
+    broker: Broker, vhost: Vhost, queue: str
+) -> None:
+    """10 files, every 3rd infected: 7 flows finish, 3 fail at the scan and run on_error."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "examples/pipeline.py",
+            *("--files", "10", "--size-kb", "60", "--infected-every", "3", "--queue", queue),
+        ],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HUTCH_BROKER_URL": vhost.url,
+            "HUTCH_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,  # a hang guard, not a timing assertion
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    infected = {f"upload-{i:03d}.png" for i in (2, 5, 8)}
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("upload-")}
+    assert set(lines) == {f"upload-{i:03d}.png" for i in range(10)}, out
+    for name, line in lines.items():
+        if name in infected:
+            assert "failed    at step 1.0 (virus_scan): Infected:" in line, line
+            assert f"{name}: signature Hutch.Test." in line, line
+        else:
+            assert "finished  " in line and "entropy " in line, line
+    assert "10 flows (7 finished, 3 failed) in " in out, out
+    assert "each flow ended exactly once, as expected: yes" in out, out
+    assert "worker drained and exited with code 0" in out, out
+
+    # The broker's view: each failed scan is dead-lettered once, naming its flow and step.
+    dead = await broker.drain(f"{queue}.dlq")
+    assert sorted(m.headers[protocol.FLOW_STEP_HEADER] for m in dead) == ["1.0"] * 3, [
+        m.headers for m in dead
+    ]
+    assert {m.headers[protocol.TASK_HEADER] for m in dead} == {"examples.pipeline_tasks.virus_scan"}
+    assert len({m.headers[protocol.FLOW_HEADER] for m in dead}) == 3
+    assert await broker.ready(queue) == 0
+
+
+# -- examples/node/flow.mjs: a two-step flow started by publishing its headers and body -------
+
+
+@pytest.mark.parametrize("content_type", [protocol.MSGPACK, protocol.JSON])
+async def test_node_starts_a_two_step_flow(
+    content_type: str, start_worker: Any, broker: Broker, vhost: Vhost, queue: str
+) -> None:
+    missing_or_skip(need_node())
+    worker = await start_worker("--tasks", "examples.tasks")
+    example = Example(
+        "node-flow",
+        ["node", "flow.mjs"],
+        EXAMPLES / "node",
+        need_node,
+        content_type,
+        "bad_args",
+        env={"HUTCH_CONTENT_TYPE": content_type},
+    )
+
+    code, out, seconds = await run(example, vhost, queue)
+    report = f"flow.mjs exited {code} after {seconds:.1f} s:\n{out}\nworker log:\n{worker.log()}"
+    print(report)
+    assert code == 0, report
+    assert "all checks passed" in out and "FAILED" not in out, report
+    assert "ok: chain(add(2, b=3), add(10)) = 15" in out, report
+    assert "ok: the failed flow's error result names its step 1" in out, report
+
+    # The broker's view: the failed second step is the one dead letter, naming its flow.
+    dead = await broker.drain(f"{queue}.dlq")
+    assert len(dead) == 1, [(m.headers, m.body) for m in dead]
+    letter = dead[0]
+    assert letter.headers[protocol.FLOW_STEP_HEADER] == "1"
+    assert letter.headers[protocol.TASK_HEADER] == "add"
+    assert letter.content_type == content_type
+    flow_id = letter.headers[protocol.FLOW_HEADER]
+    assert letter.message_id == f"{flow_id}:1"
+    assert f"result of flow {flow_id}: " in out, report
     assert await broker.ready(queue) == 0
     assert worker.proc is not None and worker.proc.poll() is None, worker.log()
