@@ -103,8 +103,14 @@ class _StateCollector(Collector):
         )
         yield gauge(
             "hutch_prefetch_window",
-            "Deliveries the consumer may hold unacked; it follows the measured task run time.",
+            "Deliveries the consumer may hold unacked; it follows the measured task run time "
+            "and broker round trip.",
             consumer.prefetch if consumer else 0,
+        )
+        yield gauge(
+            "hutch_broker_rtt_seconds",
+            "Smoothed round trip to the broker on the consuming connection (0 until measured).",
+            self._state.rtt(),
         )
         yield gauge(
             "hutch_pool_processes", "Configured pool size.", pool.size if pool else 0, False

@@ -126,7 +126,12 @@ class Worker:
             name=name + " joins",
         )
         self.metrics.counts.join_capacity = s.join_capacity
-        self.metrics.watch(self.pool, self.consumer, ready=lambda: self.ready()[0])
+        self.metrics.watch(
+            self.pool,
+            self.consumer,
+            ready=lambda: self.ready()[0],
+            rtt=lambda: window.rtt.seconds,
+        )
         for task in registered():
             self.metrics.add_task(task)
 
