@@ -143,6 +143,8 @@ class Metrics(Observer):
             )
         self.queue = queue
         self.vhost = vhost
+        # The metrics of the worker's later queues, exported with these (`service.prometheus`).
+        self.others: list[Metrics] = []
         self.counts = counts = Counts()
         self.state = State()
         self._registry: CollectorRegistry | None = None

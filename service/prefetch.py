@@ -239,7 +239,9 @@ class JobHolder(Protocol):
 class PrefetchControl(Observer):
     """Applies `WindowPolicy` to the consumer, fed by every finished run.
 
-    Deliveries handed back go through ``give_back`` (the settler's uncounted requeue).
+    Deliveries handed back go through ``give_back`` (the settler's uncounted requeue). With
+    several queues each has its own control; ``lane`` is its queue's lane in the shared pool
+    (`service.pool.lanes`), and only that lane's deliveries are ever handed back.
     """
 
     def __init__(
@@ -248,7 +250,9 @@ class PrefetchControl(Observer):
         consumer: WindowedConsumer,
         pool: JobHolder,
         give_back: Callable[[Delivery], None],
+        lane: int = 0,
     ) -> None:
+        self.lane = lane
         self.policy = policy
         self._consumer = consumer
         self._pool = pool
@@ -306,8 +310,10 @@ class PrefetchControl(Observer):
         # Deliveries made to an earlier consumer were taken under a wider window; the current
         # consumer's own are bounded by the one it has. Handing back only the former cannot
         # loop: the current consumer is not given more than its window.
-        tag = consumer.tag
-        surplus = self._pool.take_pending(lambda job: job.delivery.consumer_tag != tag)
+        tag, lane = consumer.tag, self.lane
+        surplus = self._pool.take_pending(
+            lambda job: job.lane == lane and job.delivery.consumer_tag != tag
+        )
         if surplus:
             log.info(
                 "a task has run %.1fs: prefetch window now %d; returning %d waiting "
