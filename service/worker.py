@@ -11,6 +11,12 @@ the state table)::
 Observers (metrics.py, prefetch.py) are told what each stage did; none of them calls a stage
 back except `PrefetchControl`, which resizes the consumer's window.
 
+Given several queues (``--queue high,default,low``), the worker builds the stages from the
+consumer to the settler once per queue (a `_Lane`: its own consumer, window, settler and
+counts), around the one pool and publisher; each job carries its queue's lane, the pool runs
+the earliest lane first and `service.priority` pauses a later queue's consumer while an
+earlier queue has work waiting.
+
 This module decides nothing about a message: every policy lives in its stage. What it does is
 the order of start-up and of the drain. Start-up: spawn the pool's children first, since each is
 a fresh interpreter that takes longer to boot than anything else; while they do, load the task
