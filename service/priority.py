@@ -121,15 +121,23 @@ class PriorityControl:
                 await self._consumers[lane].pause()
                 if self._stopped:
                     return
-                held = self._pool.take_pending(lambda job, lane=lane: job.lane == lane)  # type: ignore[misc]
-                for job in held:
-                    self._give_back[lane](job.delivery)
-                log.debug(
-                    "queue %r paused behind an earlier queue; %d deliveries returned",
-                    self._names[lane],
-                    len(held),
-                )
             for lane in resume:
                 self._consumers[lane].resume()
                 log.debug("queue %r consuming again", self._names[lane])
+            # At every look, not only on pausing: a consume already on its way when the pause
+            # came still registers (and is cancelled next), and its deliveries arrive later.
+            for lane in lanes:
+                if self.gate.paused[lane] and self._pool.waiting_in(lane):
+                    self._hand_back(lane)
             await asyncio.sleep(interval)
+
+    def _hand_back(self, lane: int) -> None:
+        held = self._pool.take_pending(lambda job: job.lane == lane)
+        for job in held:
+            self._give_back[lane](job.delivery)
+        if held:
+            log.debug(
+                "queue %r paused behind an earlier queue: %d deliveries returned",
+                self._names[lane],
+                len(held),
+            )

@@ -72,5 +72,7 @@ async def test_added_round_trip_keeps_the_pool_busy(
     )
     report = check(plain_ids | delayed_ids, exec_log)
     assert not report.lost and not report.unexpected, report
-    assert rtt >= ADDED_RTT  # the proxy is never early
+    # The proxy is never early, but the estimate is smoothed: what is left of the no-delay
+    # samples after a phase of half-second pings is well under a tenth.
+    assert rtt >= 0.9 * ADDED_RTT
     assert ratio >= 0.8, f"{delayed:.1f} vs {plain:.1f} tasks/s: the window starves the pool"
