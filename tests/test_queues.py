@@ -8,6 +8,7 @@ throughput against the same worker's on one queue.
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,10 @@ async def test_high_runs_before_low_and_each_queue_keeps_its_own_topology(
         assert value(text, "hutch_prefetch_window", queue=name) >= CONCURRENCY
         assert value(text, "hutch_worker_info", queue=name, vhost=vhost.name) == 1
     assert value(text, "hutch_pool_processes") == CONCURRENCY
+    status, body = get(worker.metrics_url() + "/readyz")
+    assert status == 200, body
+    worker.send(signal.SIGTERM)  # drains every queue
+    assert worker.wait(60) == 0, worker.log()
 
 
 async def rate(log: Path, ids: set[str]) -> float:
