@@ -131,7 +131,8 @@ class Intake:
     settler refuse it. While closed (draining) every delivery goes straight back.
 
     A plain function per delivery, not a coroutine: it never waits, and aio-pika would
-    otherwise make a task per delivery.
+    otherwise make a task per delivery. ``lane`` is the priority of its queue among the
+    worker's queues (`service.priority`), given to every job.
     """
 
     def __init__(
@@ -142,7 +143,9 @@ class Intake:
         *,
         max_body_size: int,
         max_deliveries: int,
+        lane: int = 0,
     ) -> None:
+        self._lane = lane
         self._pool = pool
         self._settler = settler
         self._observer = observer
@@ -165,6 +168,7 @@ class Intake:
                 redelivered=bool(message.redelivered),
                 runnable_since=runnable_since(message),
             )
+            verdict.lane = self._lane
             self._pool.submit(verdict)
         elif isinstance(verdict, Refusal):
             self._observer.on_received(

@@ -12,6 +12,10 @@ Each delivery goes to ``on_message`` (`service.admission.Intake`) as it arrives,
 `service.delivery.Delivery`: the consumer is registered on aiormq's channel directly, so a
 delivery costs one small object and one task (aiormq's), not aio-pika's message and its second
 task.
+
+`Consumer.ping` times one request on its own idle channel of the consuming connection: the
+prefetch window (`service.prefetch`) needs the broker round trip, and AMQP heartbeats are
+never answered, so they cannot measure it.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Consumer:
         self._paused = paused
         self._closed = False
         self._channel: aiormq.abc.AbstractChannel | None = None
+        self._ping_channel: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
         self.acks = acks or AckRouter()
         self.consuming = False
@@ -131,6 +136,10 @@ class Consumer:
                 self._wake.set()
 
             underlay = self._channel = await channel.get_underlay_channel()
+            # Its own channel: a ping on the consuming one could slip between the basic.qos
+            # and the basic.consume of a resize and give the new consumer the old window.
+            pinging = await open_channel(connection, publisher_confirms=False)
+            self._ping_channel = await pinging.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             self.acks.opened(underlay)
             if self._ever_connected:
@@ -218,6 +227,25 @@ class Consumer:
         delivery = Delivery(message)
         self.acks.delivered(delivery)
         self._on_message(delivery)
+
+    async def ping(self, timeout: float) -> float | None:
+        """Seconds for one round trip to the broker on the consuming connection, or None when
+        not consuming, or no answer came within ``timeout``.
+
+        The request is a ``basic.qos`` on an idle channel: every broker answers it at once, it
+        changes nothing (no consumer is on that channel) and it cannot fail on a missing queue.
+        """
+        channel = self._ping_channel
+        if channel is None or channel.is_closed or not self.consuming:
+            return None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            async with asyncio.timeout(timeout):
+                await channel.basic_qos(prefetch_count=0)
+        except CONNECTION_ERRORS:
+            return None
+        return loop.time() - start
 
     def resize(self, prefetch: int) -> None:
         """Ask for a new window; applied by re-consuming, never by dropping deliveries."""

@@ -79,6 +79,7 @@ class State:
     pool: PoolGauges | None = None
     consumer: ConsumerGauges | None = None
     ready: Callable[[], bool] = lambda: False
+    rtt: Callable[[], float] = lambda: 0.0
 
 
 class Histogram:
@@ -142,6 +143,8 @@ class Metrics(Observer):
             )
         self.queue = queue
         self.vhost = vhost
+        # The metrics of the worker's later queues, exported with these (`service.prometheus`).
+        self.others: list[Metrics] = []
         self.counts = counts = Counts()
         self.state = State()
         self._registry: CollectorRegistry | None = None
@@ -159,9 +162,17 @@ class Metrics(Observer):
         for event in FlowEvent:
             counts.flows_ended[event.value] = 0
 
-    def watch(self, pool: PoolGauges, consumer: ConsumerGauges, ready: Callable[[], bool]) -> None:
-        """Read the state gauges from these at every scrape."""
+    def watch(
+        self,
+        pool: PoolGauges,
+        consumer: ConsumerGauges,
+        ready: Callable[[], bool],
+        rtt: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """Read the state gauges from these at every scrape (``rtt``: the smoothed broker
+        round trip the prefetch window is sized by)."""
         self.state.pool, self.state.consumer, self.state.ready = pool, consumer, ready
+        self.state.rtt = rtt
 
     @property
     def registry(self) -> CollectorRegistry:

@@ -7,6 +7,17 @@ a host hoard long tasks that other hosts could be running (Celery's prefetch mul
 the buffer holds about ``seconds`` of *measured* work per child: hundreds of deliveries for
 sub-millisecond tasks, the minimum for tasks that take seconds.
 
+Task time alone is not enough when the broker is far away. A delivery holds its place in the
+window from the moment the broker sends it until the broker reads its ack: one round trip
+(delivery out, ack back) on top of the run, and one more when the result is published with a
+confirm before the ack. Behind 200 ms of round trip, a window sized for 50 ms tasks kept two
+children busy a third of the time. So the buffer also holds `ROUND_TRIPS` measured round trips
+of work per child: ``window ≈ concurrency * (1 + (seconds + ROUND_TRIPS * rtt) / task)``,
+still capped by ``maximum``. The round trip is measured by `PrefetchControl.watch` with a
+request that only the broker answers (`service.consumer.Consumer.ping`), on the consuming
+connection, and smoothed in `RoundTrip`; a run that is long still shrinks the window to the
+minimum (a long run makes the round trip small beside it), so handing back is unchanged.
+
 The estimate rises at once and falls slowly: one slow task (of `RISE_AT_ONCE` or more, or a
 running one that is already older than the estimate) shrinks the window immediately, while a
 run of fast ones grows it over a few dozen samples.
@@ -23,6 +34,7 @@ to the consumer and the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -49,6 +61,34 @@ _FALL = 0.2  # weight of a sample below the estimate
 RISE_AT_ONCE = 0.05
 _RISE = 0.5  # weight of a shorter sample above the estimate
 _RISE_CLIP = 4.0  # a shorter sample above the estimate counts for at most this many times it
+# Round trips a delivery spends in flight besides its run: the delivery out and its ack back,
+# and the publisher confirm of its result (a task with no result needs one fewer; holding one
+# spare round trip of work per child hoards nothing that the time buffer would not).
+ROUND_TRIPS = 2
+_RTT_WEIGHT = 0.3  # weight of a new round-trip sample (pings every half second)
+# A round trip longer than this is taken as this: a stalled link must not open the window to
+# the maximum for tasks that take seconds, and past it the cap decides anyway.
+RTT_CAP = 5.0
+
+
+class RoundTrip:
+    """The smoothed broker round trip, in seconds (0 until the first sample).
+
+    A sample includes any time the worker's own loop took to notice the answer, so the
+    estimate errs long, which only widens the window a little.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.samples = 0
+
+    def observe(self, sample: float) -> None:
+        sample = min(max(sample, 0.0), RTT_CAP)
+        if self.samples == 0:
+            self.seconds = sample
+        else:
+            self.seconds += _RTT_WEIGHT * (sample - self.seconds)
+        self.samples += 1
 
 
 class PrefetchWindow:
@@ -58,6 +98,7 @@ class PrefetchWindow:
       window before the first task finishes, and for long tasks).
     - ``seconds``: measured work per child to hold beyond the running tasks (0: never grow).
     - ``maximum``: the largest window, however short the tasks.
+    - ``rtt``: the broker round trip (`RoundTrip`), whose work the window holds as well.
     """
 
     def __init__(
@@ -67,12 +108,14 @@ class PrefetchWindow:
         minimum_buffer: int,
         seconds: float,
         maximum: int = MAX_PREFETCH,
+        rtt: RoundTrip | None = None,
     ) -> None:
         self.concurrency = concurrency
         self.minimum = concurrency + minimum_buffer
         self.seconds = seconds
         self.maximum = max(maximum, self.minimum)
         self.estimate: float | None = None  # seconds per task, None until one has finished
+        self.rtt = rtt or RoundTrip()
 
     def observe(self, run_seconds: float) -> bool:
         """Take the run time of one finished task; True if the estimate at least doubled (the
@@ -99,7 +142,8 @@ class PrefetchWindow:
             return self.minimum
         running = longest_running if longest_running >= RISE_AT_ONCE else 0.0
         per_task = max(self.estimate, running, 1e-6)
-        buffer = math.ceil(self.seconds * self.concurrency / per_task)
+        held = self.seconds + ROUND_TRIPS * self.rtt.seconds
+        buffer = math.ceil(held * self.concurrency / per_task)
         return max(self.minimum, min(self.maximum, self.concurrency + buffer))
 
 
@@ -182,6 +226,7 @@ class WindowedConsumer(Protocol):
     @property
     def window_applied(self) -> bool: ...
     def resize(self, prefetch: int) -> None: ...
+    async def ping(self, timeout: float) -> float | None: ...
 
 
 class JobHolder(Protocol):
@@ -194,7 +239,9 @@ class JobHolder(Protocol):
 class PrefetchControl(Observer):
     """Applies `WindowPolicy` to the consumer, fed by every finished run.
 
-    Deliveries handed back go through ``give_back`` (the settler's uncounted requeue).
+    Deliveries handed back go through ``give_back`` (the settler's uncounted requeue). With
+    several queues each has its own control; ``lane`` is its queue's lane in the shared pool
+    (`service.pool.lanes`), and only that lane's deliveries are ever handed back.
     """
 
     def __init__(
@@ -203,7 +250,9 @@ class PrefetchControl(Observer):
         consumer: WindowedConsumer,
         pool: JobHolder,
         give_back: Callable[[Delivery], None],
+        lane: int = 0,
     ) -> None:
+        self.lane = lane
         self.policy = policy
         self._consumer = consumer
         self._pool = pool
@@ -221,10 +270,27 @@ class PrefetchControl(Observer):
         self._stopped = True
 
     async def watch(self, interval: float = 0.5) -> None:
-        """A task that runs far longer than the estimate says so before it finishes."""
+        """A task that runs far longer than the estimate says so before it finishes; the
+        broker round trip is measured meanwhile."""
+        pinging = asyncio.create_task(self.measure_rtt(interval))
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self.fit()
+        finally:
+            pinging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinging
+
+    async def measure_rtt(self, interval: float) -> None:
+        """Time a broker round trip every ``interval`` seconds, apart from the fitting loop:
+        on a stalled link a ping waits up to `RTT_CAP`, and fitting must not wait with it."""
+        rtt = self.policy.window.rtt
         while True:
             await asyncio.sleep(interval)
-            self.fit()
+            sample = await self._consumer.ping(RTT_CAP)
+            if sample is not None:
+                rtt.observe(sample)
 
     def fit(self) -> None:
         """Resize the window to the work measured; hand back what a shrunk one does not cover."""
@@ -244,8 +310,10 @@ class PrefetchControl(Observer):
         # Deliveries made to an earlier consumer were taken under a wider window; the current
         # consumer's own are bounded by the one it has. Handing back only the former cannot
         # loop: the current consumer is not given more than its window.
-        tag = consumer.tag
-        surplus = self._pool.take_pending(lambda job: job.delivery.consumer_tag != tag)
+        tag, lane = consumer.tag, self.lane
+        surplus = self._pool.take_pending(
+            lambda job: job.lane == lane and job.delivery.consumer_tag != tag
+        )
         if surplus:
             log.info(
                 "a task has run %.1fs: prefetch window now %d; returning %d waiting "

@@ -41,26 +41,57 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def registry(metrics: Metrics) -> CollectorRegistry:
-    """A registry exporting ``metrics``, the process, the platform and the GC."""
+    """A registry exporting ``metrics`` (and those of the worker's other queues,
+    ``metrics.others``), the process, the platform and the GC."""
     r = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=r)
     PlatformCollector(registry=r)
     GCCollector(registry=r)
-    r.register(_StateCollector(metrics.queue, metrics.state))
-    r.register(_CountsCollector(metrics.queue, metrics.counts))
+    r.register(_Queues([_queue_collectors(m) for m in (metrics, *metrics.others)]))
     build = GaugeMetricFamily(
         "hutch_build_info", "hutch version.", labels=["version", "python_version"]
     )
     build.add_metric([__version__, platform.python_version()], 1)
     r.register(_Constant(build))
+    return r
+
+
+def _queue_collectors(metrics: Metrics) -> list[Collector]:
     # Joins worker series to RabbitMQ's {vhost, queue} series, and labels per-worker
     # gauges (ready, connected, pool) with the queue they serve.
     info = GaugeMetricFamily(
         "hutch_worker_info", "The queue and vhost this worker consumes.", labels=["queue", "vhost"]
     )
     info.add_metric([metrics.queue, metrics.vhost], 1)
-    r.register(_Constant(info))
-    return r
+    return [
+        _StateCollector(metrics.queue, metrics.state),
+        _CountsCollector(metrics.queue, metrics.counts),
+        _Constant(info),
+    ]
+
+
+class _Queues(Collector):
+    """The families of every queue a worker consumes, one family per name.
+
+    The first queue's collectors export everything; a later queue's add only samples that
+    carry a ``queue`` label: the rest (the pool, the connection, restarts, the fan-in) are
+    the worker's, not a queue's, and are exported once.
+    """
+
+    def __init__(self, queues: list[list[Collector]]) -> None:
+        self._queues = queues
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for index, collectors in enumerate(self._queues):
+            for collector in collectors:
+                for family in collector.collect():
+                    have = families.get(family.name)
+                    if have is None and index == 0:
+                        families[family.name] = family
+                    elif have is not None:
+                        have.samples.extend(s for s in family.samples if "queue" in s.labels)
+        yield from families.values()
 
 
 def exposition(r: CollectorRegistry) -> tuple[str, bytes]:
@@ -103,8 +134,14 @@ class _StateCollector(Collector):
         )
         yield gauge(
             "hutch_prefetch_window",
-            "Deliveries the consumer may hold unacked; it follows the measured task run time.",
+            "Deliveries the consumer may hold unacked; it follows the measured task run time "
+            "and broker round trip.",
             consumer.prefetch if consumer else 0,
+        )
+        yield gauge(
+            "hutch_broker_rtt_seconds",
+            "Smoothed round trip to the broker on the consuming connection (0 until measured).",
+            self._state.rtt(),
         )
         yield gauge(
             "hutch_pool_processes", "Configured pool size.", pool.size if pool else 0, False

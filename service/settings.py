@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 from service.cpus import usable_cpus
 from service.errors import ConfigError
 from service.registry import TaskSpec
+from service.routing import check_queue_name
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 T = TypeVar("T")
@@ -94,6 +95,24 @@ def _modules(text: str) -> list[str]:
     return modules
 
 
+def _queues(text: str) -> str:
+    """One queue, or several in priority order (``high,default,low``), checked and normalised
+    to ``a,b,c``; `Settings.queues` splits them."""
+    names = [name.strip() for name in text.split(",")]
+    if any(not name for name in names):
+        raise ValueError(
+            f"{text!r} has an empty queue name; name queues separated by single commas, "
+            "highest priority first (e.g. high,default,low)"
+        )
+    seen: set[str] = set()
+    for name in names:
+        check_queue_name(name)
+        if name in seen:
+            raise ValueError(f"{text!r} names queue {name!r} twice; name each queue once")
+        seen.add(name)
+    return ",".join(names)
+
+
 def _addr(text: str) -> str:
     if text.strip().lower() == "off":
         return "off"
@@ -142,7 +161,13 @@ class Settings:
     tasks: list[str] | None = _setting(
         None, _modules, "comma-separated modules whose @task functions this worker runs"
     )
-    queue: str = _setting("default", str, "queue to consume (its dead letters go to QUEUE.dlq)")
+    queue: str = _setting(
+        "default",
+        _queues,
+        "queue to consume (its dead letters go to QUEUE.dlq); several, separated by commas and "
+        "highest priority first, share the pool: a free child always takes the earliest "
+        "queue's waiting task",
+    )
     # 0 stands for "not set" (a flag cannot say 0): usable CPUs, found in __post_init__.
     concurrency: int = _setting(
         0, positive_int, "pool size (default: usable CPUs, honouring affinity and cgroups)"
@@ -218,6 +243,11 @@ class Settings:
         if not self.concurrency:
             self.concurrency = usable_cpus()
         check_tls(self.broker_url, insecure=self.insecure_tls)
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues to consume, highest priority first."""
+        return tuple(self.queue.split(","))
 
     @property
     def prefetch(self) -> int:

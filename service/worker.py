@@ -11,6 +11,12 @@ the state table)::
 Observers (metrics.py, prefetch.py) are told what each stage did; none of them calls a stage
 back except `PrefetchControl`, which resizes the consumer's window.
 
+Given several queues (``--queue high,default,low``), the worker builds the stages from the
+consumer to the settler once per queue (a `_Lane`: its own consumer, window, settler and
+counts), around the one pool and publisher; each job carries its queue's lane, the pool runs
+the earliest lane first and `service.priority` pauses a later queue's consumer while an
+earlier queue has work waiting.
+
 This module decides nothing about a message: every policy lives in its stage. What it does is
 the order of start-up and of the drain. Start-up: spawn the pool's children first, since each is
 a fresh interpreter that takes longer to boot than anything else; while they do, load the task
@@ -31,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.errors import ConfigError
@@ -40,15 +47,33 @@ from service.registry import import_task_modules, registered
 from service.settings import Settings, parse_addr, time_limit_report
 
 if TYPE_CHECKING:
+    from service.admission import Intake
+    from service.consumer import Consumer
     from service.health import HealthServer
     from service.joins import Joins
+    from service.metrics import Metrics
+    from service.prefetch import PrefetchControl
     from service.scheduler import Scheduler
+    from service.settle import Settler
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Lane:
+    """The stages of one queue; the worker has one per queue, in priority order."""
+
+    queue: str
+    metrics: Metrics
+    settler: Settler
+    intake: Intake
+    consumer: Consumer
+    prefetch: PrefetchControl
+
+
 class Worker:
-    """One host's worker for one queue; `run` returns the exit status."""
+    """One host's worker for its queues (one, or several in priority order:
+    `service.priority`); `run` returns the exit status."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,59 +82,44 @@ class Worker:
         self._deadline_now = asyncio.Event()
 
     def _build(self) -> None:
-        """The broker-side stages, wired in flow order (see the module docstring)."""
+        """The broker-side stages, wired in flow order (see the module docstring): one
+        consumer, intake, settler, prefetch control and set of counts per queue, in priority
+        order, around the one pool and publisher."""
         # Imported here, once the children are booting (see the module docstring).
-        from service.acks import AckRouter
-        from service.admission import Intake
         from service.broker import Publisher, vhost_of
-        from service.consumer import Consumer
         from service.joins import Joins
-        from service.metrics import Metrics
-        from service.prefetch import PrefetchControl, PrefetchWindow, WindowPolicy
+        from service.priority import PriorityControl, PriorityGate
         from service.scheduler import Scheduler
-        from service.settle import Settler
 
         s = self.settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
-        self.metrics = Metrics(s.queue, vhost=vhost_of(s.broker_url))
         self.publisher = Publisher(s.broker_url, name=name + " publish")
-        acks = AckRouter()
-        # Stages report to the observers; the list is filled once every stage exists, since
-        # the prefetch control observes the settler and acts on the consumer and the pool.
-        observers = self.observers
-        self.settler = Settler(self.publisher, s.queue, acks=acks, observer=observers)
-        self.pool.on_done = self.settler.finish
-        self.intake = Intake(
+        vhost = vhost_of(s.broker_url)
+        self.lanes = [
+            self._build_lane(lane, queue, name, vhost, self.observers if lane == 0 else None)
+            for lane, queue in enumerate(s.queues)
+        ]
+        first = self.lanes[0]
+        self.metrics, self.consumer = first.metrics, first.consumer
+        self.metrics.others = [lane.metrics for lane in self.lanes[1:]]
+        settlers = [lane.settler for lane in self.lanes]
+        self.pool.on_done = lambda job, outcome: settlers[job.lane].finish(job, outcome)
+        self.priority = PriorityControl(
+            PriorityGate(len(self.lanes)),
+            [lane.consumer for lane in self.lanes],
             self.pool,
-            self.settler,
-            observers,
-            max_body_size=s.max_body_size,
-            max_deliveries=s.max_deliveries,
+            [settler.give_back for settler in settlers],
+            s.queues,
         )
-        self.consumer = Consumer(
-            s.broker_url,
-            s.queue,
-            prefetch=s.prefetch,
-            on_message=self.intake,
-            acks=acks,
-            on_lost=self._on_connection_lost,
-            name=name + " consume",
-            paused=True,  # until the pool is up (see run)
-        )
-        window = PrefetchWindow(
-            concurrency=s.concurrency, minimum_buffer=s.prefetch_buffer, seconds=s.prefetch_time
-        )
-        self.prefetch = PrefetchControl(
-            WindowPolicy(window), self.consumer, self.pool, self.settler.give_back
-        )
-        observers.add(self.metrics)
-        observers.add(self.prefetch)
+        # Schedules, the fan-in and pool restarts are the worker's: they report with the
+        # first queue (the observers made in `run`).
+        observers = self.observers
         schedules = [spec.periodic() for spec in registered().values()]
         self.scheduler: Scheduler | None = None
         if any(schedules):
             self.scheduler = Scheduler(
                 s.broker_url,
-                s.queue,
+                s.queues[0],
                 [schedule for schedule in schedules if schedule is not None],
                 observer=observers,
                 name=name + " schedule",
@@ -126,9 +136,57 @@ class Worker:
             name=name + " joins",
         )
         self.metrics.counts.join_capacity = s.join_capacity
-        self.metrics.watch(self.pool, self.consumer, ready=lambda: self.ready()[0])
+
+    def _build_lane(
+        self, lane: int, queue: str, name: str, vhost: str, observers: Observers | None
+    ) -> _Lane:
+        from service.acks import AckRouter
+        from service.admission import Intake
+        from service.consumer import Consumer
+        from service.metrics import Metrics
+        from service.prefetch import PrefetchControl, PrefetchWindow, WindowPolicy
+        from service.settle import Settler
+
+        s = self.settings
+        metrics = Metrics(queue, vhost=vhost)
+        acks = AckRouter()
+        # Stages report to the observers; the list is filled once every stage exists, since
+        # the prefetch control observes the settler and acts on the consumer and the pool.
+        observers = observers if observers is not None else Observers()
+        settler = Settler(self.publisher, queue, acks=acks, observer=observers)
+        intake = Intake(
+            self.pool,
+            settler,
+            observers,
+            max_body_size=s.max_body_size,
+            max_deliveries=s.max_deliveries,
+            lane=lane,
+        )
+        suffix = f" consume {queue}" if len(s.queues) > 1 else " consume"
+        consumer = Consumer(
+            s.broker_url,
+            queue,
+            prefetch=s.prefetch,
+            on_message=intake,
+            acks=acks,
+            on_lost=self._on_connection_lost,
+            name=name + suffix,
+            paused=True,  # until the pool is up (see run)
+        )
+        window = PrefetchWindow(
+            concurrency=s.concurrency, minimum_buffer=s.prefetch_buffer, seconds=s.prefetch_time
+        )
+        prefetch = PrefetchControl(
+            WindowPolicy(window), consumer, self.pool, settler.give_back, lane=lane
+        )
+        observers.add(metrics)
+        observers.add(prefetch)
+        metrics.watch(
+            self.pool, consumer, ready=lambda: self.ready()[0], rtt=lambda: window.rtt.seconds
+        )
         for task in registered():
-            self.metrics.add_task(task)
+            metrics.add_task(task)
+        return _Lane(queue, metrics, settler, intake, consumer, prefetch)
 
     def _on_connection_lost(self) -> None:
         from service.acks import is_stale
@@ -152,6 +210,7 @@ class Worker:
         self.observers = Observers()
         self.pool = Pool(
             s.tasks,
+            lanes=len(s.queues),
             size=s.concurrency,
             time_limit=s.time_limit,
             max_depth=s.max_depth,
@@ -184,29 +243,31 @@ class Worker:
             )
         # The consumer connects and declares while the children finish booting; it starts
         # consuming once they are ready.
-        consuming = loop.create_task(self.consumer.run())
+        consuming = [loop.create_task(lane.consumer.run()) for lane in self.lanes]
         try:
             health = await self._serve_health()
             await starting
         except BaseException:
-            self.consumer.close()
-            await consuming
+            await self._close_consumers(consuming)
             await self.publisher.close()
             await self._abandon(starting)
             raise
-        self.consumer.resume()
+        for lane in self.lanes:
+            lane.consumer.resume()
         # prometheus-client loads off the start-up path, before the first scrape needs it.
         preparing = loop.run_in_executor(None, self.metrics.prepare)
         log.info(
-            "hutch worker: %d children, queue %r, tasks %s, broker %s",
+            "hutch worker: %d children, %s %s, tasks %s, broker %s",
             s.concurrency,
-            s.queue,
+            "queues (highest priority first)" if len(s.queues) > 1 else "queue",
+            ", ".join(repr(queue) for queue in s.queues),
             ", ".join(sorted(registered())),
             self.consumer.url,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        watching = loop.create_task(self.prefetch.watch())
+        watching = [loop.create_task(lane.prefetch.watch()) for lane in self.lanes]
+        gating = loop.create_task(self.priority.run()) if len(self.lanes) > 1 else None
         scheduling = loop.create_task(self.scheduler.run()) if self.scheduler else None
         joining = loop.create_task(self.joins.run())
         try:
@@ -220,19 +281,27 @@ class Worker:
             await self.drain()
         finally:
             await preparing
-            watching.cancel()
+            for watch in watching:
+                watch.cancel()
+            if gating is not None:
+                self.priority.stop()
+                gating.cancel()
             if self.scheduler is not None and scheduling is not None:
                 self.scheduler.close()
                 await scheduling
             self.joins.close()
             await joining
-            self.consumer.close()
-            await consuming
+            await self._close_consumers(consuming)
             await self.publisher.close()
             await self.pool.close()
             if health is not None:
                 await health.close()
         return 0
+
+    async def _close_consumers(self, consuming: list[asyncio.Task[None]]) -> None:
+        for lane in self.lanes:
+            lane.consumer.close()
+        await asyncio.gather(*consuming)
 
     async def _abandon(self, starting: asyncio.Task[None]) -> None:
         """Start-up failed: stop the children, started or starting."""
@@ -268,8 +337,10 @@ class Worker:
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.consumer.connected:
-            return False, "not connected to the broker"
+        for lane in self.lanes:
+            if not lane.consumer.connected:
+                return False, f"not connected to the broker (queue {lane.queue!r})"
+        # A later queue paused behind an earlier one (service.priority) is working as meant.
         if not self.consumer.consuming:
             return False, "connected but not consuming"
         return True, "ok: consuming"
@@ -277,12 +348,14 @@ class Worker:
     async def drain(self) -> None:
         pool = self.pool
         self.draining = True
-        self.intake.open = False
-        self.prefetch.stop()
+        self.priority.stop()
+        for lane in self.lanes:
+            lane.intake.open = False
+            lane.prefetch.stop()
         log.info("draining: no new tasks; up to %gs for running ones", self.settings.drain_timeout)
-        await self.consumer.pause()
+        await asyncio.gather(*(lane.consumer.pause() for lane in self.lanes))
         for job in pool.take_pending():
-            self.settler.give_back(job.delivery)
+            self.lanes[job.lane].settler.give_back(job.delivery)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         # in_flight, not running: jobs already queued in a child run next, and those it held
@@ -296,5 +369,5 @@ class Worker:
             pool.abort_running()
             while pool.in_flight:
                 await asyncio.sleep(0.01)
-        await self.settler.idle()
+        await asyncio.gather(*(lane.settler.idle() for lane in self.lanes))
         log.info("drained")

@@ -211,6 +211,9 @@ BAD_VALUES = [
     ("max_tasks_per_child", "-1"),
     ("max_memory_per_child", "big"),
     ("log_level", "loud"),
+    ("queue", "high,,low"),
+    ("queue", "high,low,high"),
+    ("queue", "bad*name"),
 ]
 
 
@@ -239,6 +242,22 @@ def test_bad_value_messages_say_why() -> None:
         load({}, {"HUTCH_MAX_BODY_SIZE": "lots"})
     with pytest.raises(ConfigError, match=r"not one of DEBUG, INFO, WARNING, ERROR"):
         load({"log_level": "loud"}, {})
+
+
+def test_several_queues_in_priority_order() -> None:
+    s = load({"queue": " high, default ,low"}, {})
+    assert s.queues == ("high", "default", "low")
+    assert load({}, {"HUTCH_QUEUE": "a,b"}).queues == ("a", "b")
+    assert load({}, {}).queues == ("default",)
+
+
+def test_bad_queue_lists_say_what_to_do() -> None:
+    with pytest.raises(ConfigError, match=r"--queue: 'a,b,a' names queue 'a' twice"):
+        load({"queue": "a,b,a"}, {})
+    with pytest.raises(ConfigError, match=r"HUTCH_QUEUE: 'a,' has an empty queue name"):
+        load({}, {"HUTCH_QUEUE": "a,"})
+    with pytest.raises(ConfigError, match=r"no '\*' or '#'"):
+        load({"queue": "a,b#"}, {})
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -284,6 +303,8 @@ def test_hutch_is_installed() -> None:
         (["--max-body-size", "lots"], ["--max-body-size", "'lots' is not a size"]),
         (["--tasks", "x", "--log-level", "loud"], ["--log-level", "loud"]),
         (["--tasks", "x", "--time-limit", "-1"], ["--time-limit"]),
+        (["--tasks", "x", "--queue", "high,low,high"], ["--queue", "'high' twice"]),
+        (["--tasks", "x", "--queue", "high,,low"], ["--queue", "empty queue name"]),
     ],
 )
 def test_cli_bad_flag(args: list[str], names: list[str]) -> None:

@@ -63,7 +63,9 @@ def command(handler: Handler) -> Handler:
 
 
 def default_queue() -> str:
-    return os.environ.get("HUTCH_QUEUE", "default")
+    """``HUTCH_QUEUE``, or its first queue when it names a worker's several (the same
+    environment often serves both): ``--queue`` says otherwise."""
+    return os.environ.get("HUTCH_QUEUE", "default").split(",")[0].strip() or "default"
 
 
 def checked_queue(queue: str) -> str:

@@ -76,6 +76,7 @@ class Job:
     # A flow's entry step carries its caller's address; the child puts it in the continuation.
     reply_to: str | None = None
     correlation_id: str | None = None
+    lane: int = 0  # the priority of its queue: 0 for the first one given the worker
     id: int = 0
     started: float = 0.0
     run_seconds: float = 0.0

@@ -7,7 +7,7 @@ on exactly one job and the other children keep running.
 
 Where a job is, from `Pool.submit` to ``on_done``::
 
-    submit(job) ──▶ _pending (deque) ──_dispatch/_fill──▶ _Child.jobs (deque) ──stdin──▶ child
+    submit(job) ──▶ _pending (Lanes) ──_dispatch/_fill──▶ _Child.jobs (deque) ──stdin──▶ child
                      ▲      ▲                                 │ jobs[0] is running (its head);
                      │      └── bystanders of a dead child ───┤ the rest are queued behind it
       take_pending ◀─┘          (front of the queue, unreported)│
@@ -15,7 +15,8 @@ Where a job is, from `Pool.submit` to ``on_done``::
     on_done(job, outcome) ◀── _on_result (pipe callback) ◀── stdout: ResultFrame per job
                           ◀── _on_exit: head CRASHED / TIMEOUT, doomed RETURNED
 
-- ``_pending``: jobs accepted and not yet sent to a child. Once per loop turn (`_fill`, one
+- ``_pending``: jobs accepted and not yet sent to a child, in one priority lane per queue
+  (`service.pool.lanes`: the earliest queue's jobs go first). Once per loop turn (`_fill`, one
   ``write`` per child) idle children get one each, then children are topped up behind short
   tasks, as `service.pool.pipelining` allows.
 - ``_Child.jobs``: what one child holds, in the order sent. Only the head has started: its
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from service.errors import PoolStartError
 from service.logs import task_fields
 from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
+from service.pool.lanes import Lanes
 from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame
 from service.pool.pipelining import TOP_UP_BELOW, Pipelining
 
@@ -151,6 +153,7 @@ class Pool:
         max_memory_per_child: int = 0,
         on_restart: Callable[[RestartReason], None] | None = None,
         on_done: Callable[[Job, Outcome], None] | None = None,
+        lanes: int = 1,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
@@ -165,7 +168,7 @@ class Pool:
         self._max_tasks = max_tasks_per_child
         self._max_memory = max_memory_per_child
         self._children: set[_Child] = set()
-        self._pending: deque[Job] = deque()
+        self._pending = Lanes(lanes)
         self.pipelining = Pipelining()
         self._filling = False  # a `_fill` is scheduled for this loop turn
         self._ids = itertools.count(1)
@@ -216,6 +219,11 @@ class Pool:
         """Jobs not running yet: in the local queue or queued in a child behind its head."""
         return len(self._pending) + sum(max(len(c.jobs) - 1, 0) for c in self._children)
 
+    def waiting_in(self, lane: int) -> int:
+        """Jobs of ``lane`` received and not started: in the parent, or queued in a child."""
+        queued = sum(1 for c in self._children for job in list(c.jobs)[1:] if job.lane == lane)
+        return self._pending.waiting(lane) + queued
+
     def cpu_seconds(self) -> float:
         """CPU used by all children so far, retired ones included, as last reported."""
         return self._retired_cpu + sum(c.cpu_seconds for c in self._children)
@@ -229,14 +237,7 @@ class Pool:
 
         Jobs already queued in a child are not taken back: the child runs them next.
         """
-        if where is None:
-            jobs = list(self._pending)
-            self._pending.clear()
-            return jobs
-        jobs = [job for job in self._pending if where(job)]
-        if jobs:
-            self._pending = deque(job for job in self._pending if not where(job))
-        return jobs
+        return self._pending.take(where)
 
     def longest_running(self) -> float:
         """Seconds the oldest running job has been running (0 when none is)."""
@@ -250,9 +251,7 @@ class Pool:
         is killed and replaced; when it has exited its doomed jobs are reported and the others
         go back to the front of the local queue, unreported.
         """
-        dropped = [job for job in self._pending if doomed(job)]
-        if dropped:
-            self._pending = deque(job for job in self._pending if not doomed(job))
+        dropped = self._pending.take(doomed)
         for job in dropped:
             self.on_done(job, Outcome(OutcomeKind.RETURNED))
         for child in self._children:
