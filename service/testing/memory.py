@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from types import ModuleType, TracebackType
-from typing import Any, Final, Self, cast
+from typing import Any, Final, Self, SupportsIndex, cast
 
 import aio_pika
 
@@ -158,9 +158,9 @@ class _FakeTimeRunner(Runner):
         soft_fired = False
         real_sleep = time.sleep
 
-        def fake_sleep(seconds: float) -> None:
+        def fake_sleep(seconds: float | SupportsIndex) -> None:
             nonlocal elapsed, soft_fired
-            elapsed += max(0.0, seconds)
+            elapsed += max(0.0, float(seconds))
             if soft is not None and not soft_fired and elapsed >= soft:
                 soft_fired, elapsed = True, soft
                 raise SoftTimeLimitExceeded("soft time limit exceeded")
@@ -512,7 +512,7 @@ class MemoryWorker:
         """Carry out `service.fanin` effects, as `service.joins.Joins` does."""
         for effect in effects:
             if isinstance(effect, FollowUp):
-                headers = {
+                headers: dict[str, Any] = {
                     protocol.TASK_HEADER: effect.task,
                     protocol.FLOW_HEADER: effect.flow,
                     protocol.FLOW_STEP_HEADER: effect.step,
@@ -524,10 +524,10 @@ class MemoryWorker:
             elif isinstance(effect, Done):
                 self._book.done(effect.key)
             elif isinstance(effect, Keep):
-                headers = publisher_headers(effect.token)
+                kept = publisher_headers(effect.token)
                 if effect.handled:
-                    headers[protocol.JOIN_HANDLED_HEADER] = True
-                self.publish(self._copy(effect.token, headers), routing.JOINS_QUEUE)
+                    kept[protocol.JOIN_HANDLED_HEADER] = True
+                self.publish(self._copy(effect.token, kept), routing.JOINS_QUEUE)
             elif isinstance(effect, Refuse):
                 self._dead_letter(
                     routing.JOINS_QUEUE,
