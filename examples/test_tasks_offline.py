@@ -39,9 +39,7 @@ def test_bad_arguments_are_dead_lettered(hutch_client: Any, hutch_worker: Any) -
     assert (letter.task, letter.reason) == ("examples.tasks.count_primes", "bad_args")
 
 
-def test_a_failing_task_is_retried_then_dead_lettered(
-    hutch_client: Any, hutch_worker: Any
-) -> None:
+def test_a_failing_task_is_retried_then_dead_lettered(hutch_client: Any, hutch_worker: Any) -> None:
     with pytest.raises(TaskError) as info:
         hutch_client.call(count_primes, "lots")
     assert info.value.type == "TypeError"

@@ -256,9 +256,7 @@ def test_group(client: Any) -> None:
 
 
 def test_fan_in(client: Any) -> None:
-    flow = chain(
-        step(t.add, 1, 1), group(step(t.add, 10), step(t.add, 20)), step(t.total)
-    )
+    flow = chain(step(t.add, 1, 1), group(step(t.add, 10), step(t.add, 20)), step(t.total))
     assert client.call(flow) == 34
 
 
@@ -287,8 +285,13 @@ def test_failed_step_ends_flow_with_on_error(client: Any, w: Any) -> None:
     assert kind == "KeyError" and "failed at step 1 (parity.no_retry)" in message
     assert w.wait_until(lambda: len(notes()) == 1)
     assert notes() == [
-        {"event": "on_error", "tag": "tag-1", "step": "1", "task": "parity.no_retry",
-         "type": "KeyError"}
+        {
+            "event": "on_error",
+            "tag": "tag-1",
+            "step": "1",
+            "task": "parity.no_retry",
+            "type": "KeyError",
+        }
     ]
     assert letters(w, 1) == [("parity.no_retry", "failed", 1, "KeyError")]
 
