@@ -8,13 +8,18 @@ offline example are run by tests/test_examples.py.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from service import TaskError, chain, group, step, testing
 from tests import testing_tasks as t
+from tests.conftest import BROKER, ROOT
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -94,3 +99,33 @@ def test_countdown_waits_for_the_clock() -> None:
         assert w.dead_letters() == []  # it ran once and waits for its retry
         w.run_until_idle()
         assert [d.attempts for d in w.dead_letters()] == [20]
+
+
+def test_plugin_marker_selects_the_broker(tmp_path: Path) -> None:
+    # One file, two tests: the marked one gets a real worker, the other the stand-in.
+    test_file = tmp_path / "test_marked.py"
+    test_file.write_text(
+        "import pytest\n"
+        "from service.testing import MemoryWorker\n"
+        "from service.testing.live import LiveWorker\n\n"
+        "@pytest.fixture\n"
+        "def hutch_tasks():\n"
+        "    return ['examples.tasks']\n\n"
+        "def test_memory(hutch_worker, hutch_client):\n"
+        "    assert isinstance(hutch_worker, MemoryWorker)\n"
+        "    assert hutch_client.call('add', 1, 2) == 3\n\n"
+        "@pytest.mark.hutch_broker\n"
+        "def test_broker(hutch_worker, hutch_client):\n"
+        "    assert isinstance(hutch_worker, LiveWorker)\n"
+        "    assert hutch_client.call('add', 1, 2) == 3\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+        cwd=ROOT,
+        env={**os.environ, "HUTCH_BROKER_URL": f"amqp://{BROKER}/"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout

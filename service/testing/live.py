@@ -96,8 +96,9 @@ class LiveWorker:
         deadline = time.monotonic() + start_timeout
         while "consuming from" not in self.log():
             if self._proc.poll() is not None or time.monotonic() > deadline:
+                output = self.log()
                 self.close()
-                raise HutchError(f"the test worker did not start:\n{self.log()}")
+                raise HutchError(f"the test worker did not start:\n{output}")
             time.sleep(0.05)
         match = re.search(r"metrics and probes on (http://[\d.]+:\d+)/metrics", self.log())
         self._metrics = match.group(1) + "/metrics" if match else None

@@ -85,7 +85,10 @@ def hutch_worker(
     key = (url, tuple(hutch_tasks))
     live = _live.get(key)
     if live is None:
-        live = _live[key] = LiveWorker(url, hutch_tasks, cwd=str(request.config.rootpath))
+        # From where pytest was started, as `hutch worker` imports task modules from its
+        # current directory.
+        live = LiveWorker(url, hutch_tasks, cwd=str(request.config.invocation_params.dir))
+        _live[key] = live
     live.begin()
     yield live
     live.run_until_idle()
