@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from service import SoftTimeLimitExceeded, current_task, task
+from service import SoftTimeLimitExceeded, current_task, every, task
 
 
 def _note(event: str, **fields: Any) -> None:
@@ -106,3 +106,10 @@ def context(*_: Any) -> dict[str, Any]:
 @task(name="parity.on_error")
 def on_error(flow_id: str, failed: dict[str, Any], error: dict[str, Any], tag: str) -> None:
     _note("on_error", tag=tag, step=failed["id"], task=failed["task"], type=error["type"])
+
+
+@task(name="parity.tick", schedule=every(seconds=2))
+def tick() -> None:
+    ctx = current_task()
+    assert ctx.slot is not None
+    _note("tick", id=ctx.id, slot=int(ctx.slot.timestamp() * 1000))

@@ -56,10 +56,11 @@ def client(w: Any) -> Iterator[Any]:
     c.close()
 
 
-def notes() -> list[dict[str, Any]]:
+def notes(event: str = "on_error") -> list[dict[str, Any]]:
     if not LOG.exists():
         return []
-    return [json.loads(line) for line in LOG.read_text().splitlines()]
+    found = [json.loads(line) for line in LOG.read_text().splitlines()]
+    return [note for note in found if note.pop("event") == event]
 
 
 def letters(w: Any, count: int) -> list[tuple[Any, ...]]:
@@ -286,7 +287,6 @@ def test_failed_step_ends_flow_with_on_error(client: Any, w: Any) -> None:
     assert w.wait_until(lambda: len(notes()) == 1)
     assert notes() == [
         {
-            "event": "on_error",
             "tag": "tag-1",
             "step": "1",
             "task": "parity.no_retry",
@@ -317,3 +317,17 @@ def test_submitted_flow_runs_on_error(client: Any, w: Any) -> None:
     client.submit(chain(step(t.type_error), on_error=step(t.on_error, "tag-3")))
     assert w.wait_until(lambda: len(notes()) == 1)
     assert notes()[0]["type"] == "TypeError"
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+
+def test_schedule_fires_each_slot_once(w: Any) -> None:
+    began = w.clock.time() * 1000
+    w.clock.advance(seconds=5)
+    assert w.wait_until(lambda: len([n for n in notes("tick") if n["slot"] > began]) >= 2)
+    ticks = [n for n in notes("tick") if n["slot"] > began]
+    slots = [n["slot"] for n in ticks]
+    assert len(slots) == len(set(slots))  # once per slot
+    assert all(slot % 2000 == 0 for slot in slots)  # aligned to the epoch
+    assert all(n["id"] == f"cron:parity.tick:{n['slot']}" for n in ticks)
