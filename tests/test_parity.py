@@ -33,6 +33,7 @@ def live() -> Iterator[LiveWorker]:
         f"amqp://{BROKER}/", ["tests.parity_tasks"], env={"HUTCH_PARITY_LOG": str(LOG)}
     ) as worker:
         yield worker
+    LOG.unlink(missing_ok=True)
 
 
 @pytest.fixture(params=["memory", "broker"])

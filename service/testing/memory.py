@@ -596,6 +596,10 @@ class MemoryClient:
             results.append(value)
         return results
 
+    def consumer_count(self) -> int:
+        """One: the stand-in's worker consumes every queue."""
+        return 1
+
     def close(self) -> None:
         """Nothing to close; here for `service.Client`'s face."""
 
