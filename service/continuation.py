@@ -599,13 +599,13 @@ def _bad(detail: str) -> NoReturn:
     raise ProtocolError(Reason.BAD_FLOW, detail)
 
 
-def run_builtin(task: str, args: list[Any], here: Here) -> Transition:
+def run_builtin(task: str, args: list[Any], here: Here, *, now: float | None = None) -> Transition:
     """Run one of the `BUILTIN_TASKS` (their messages are built by hutch, see above)."""
     if task == JOIN_TASK and len(args) == 1 and isinstance(args[0], list):
-        return joined(args[0], here)
+        return joined(args[0], here, now=now)
     if task == ABORT_TASK and len(args) in (1, 2) and isinstance(args[0], list) and args[0]:
         # Built like a join's: the records (here one) first, then the error, if any.
-        return aborted(args[0][0], args[1] if len(args) == 2 else None, here)
+        return aborted(args[0][0], args[1] if len(args) == 2 else None, here, now=now)
     if task == FAILED_TASK:
         raise ProtocolError(Reason.BAD_FLOW, f"{FAILED_TASK} needs the failed step's flow")
     raise ProtocolError(Reason.BAD_ARGS, f"{task}: unexpected arguments")

@@ -317,3 +317,48 @@ async def test_node_starts_a_two_step_flow(
     assert f"result of flow {flow_id}: " in out, report
     assert await broker.ready(queue) == 0
     assert worker.proc is not None and worker.proc.poll() is None, worker.log()
+
+
+# -- examples/test_tasks_offline.py: the pytest plugin, with and without a broker ---------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_offline_example(*options: str, broker_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(EXAMPLES / "test_tasks_offline.py"),
+            *options,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HUTCH_BROKER_URL": broker_url},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+
+
+def test_offline_example_passes_with_no_broker() -> None:
+    # The broker URL points at a closed port: anything that tried to reach RabbitMQ would fail.
+    result = run_offline_example(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout, result.stdout
+
+
+def test_offline_example_passes_against_the_broker(vhost: Vhost) -> None:
+    # The same tests, run by the plugin against a real broker and a real hutch worker.
+    unreachable = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    result = run_offline_example(f"--hutch-broker={vhost.url}", broker_url=unreachable)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout, result.stdout

@@ -90,9 +90,18 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 class Runner:
     """Runs decoded jobs; owns the per-child limits."""
 
-    def __init__(self, *, max_depth: int, max_result_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_depth: int,
+        max_result_size: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.max_depth = max_depth
         self.max_result_size = max_result_size
+        # When a flow's next steps are built (their countdowns count from it); `service.testing`
+        # runs this same code on a fake clock.
+        self.clock = clock
 
     def run(self, job: JobFrame) -> Outcome:
         spec = lookup(job.task)
@@ -110,7 +119,9 @@ class Runner:
                 )
             if job.task in BUILTIN_TASKS:
                 assert here is not None
-                return self._flow_outcome(lambda: self._builtin(job.task, args, raw_flow, here))
+                return self._flow_outcome(
+                    lambda: self._builtin(job.task, args, raw_flow, here, self.clock())
+                )
             if raw_flow is not None:
                 # Checked before the step runs: a bad later step fails the flow now.
                 flow = continuation.read(raw_flow, known=_known)
@@ -137,7 +148,9 @@ class Runner:
         if flow is not None:
             assert here is not None
             state = flow
-            return self._flow_outcome(lambda: continuation.advance(state, value, here))
+            return self._flow_outcome(
+                lambda: continuation.advance(state, value, here, now=self.clock())
+            )
         if not job.want_result:
             return _OK
         try:
@@ -152,10 +165,10 @@ class Runner:
         return Outcome(OutcomeKind.OK, payload)
 
     @staticmethod
-    def _builtin(task: str, args: list[Any], raw_flow: Any, here: Here) -> Transition:
+    def _builtin(task: str, args: list[Any], raw_flow: Any, here: Here, now: float) -> Transition:
         if task == continuation.FAILED_TASK:
-            return continuation.failed(continuation.read(raw_flow), here)
-        return continuation.run_builtin(task, args, here)
+            return continuation.failed(continuation.read(raw_flow), here, now=now)
+        return continuation.run_builtin(task, args, here, now=now)
 
     def _flow_outcome(self, transition: Callable[[], Transition]) -> Outcome:
         """What follows a flow's step, as an outcome: the messages for the parent to publish

@@ -52,6 +52,15 @@ class Outcome:
     flow: FlowEvent | None = None
 
 
+def timeout_outcome(limit: float) -> Outcome:
+    """The outcome of a job killed at its hard time limit of ``limit`` seconds."""
+    return Outcome(
+        OutcomeKind.TIMEOUT,
+        error_type="TimeLimitExceeded",
+        error_message=f"hard time limit of {limit:g}s exceeded",
+    )
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     """One delivery on its way through the pool.

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from service.errors import PoolStartError
 from service.logs import task_fields
-from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason
+from service.pool.jobs import Job, Outcome, OutcomeKind, RestartReason, timeout_outcome
 from service.pool.lanes import Lanes
 from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame
 from service.pool.pipelining import TOP_UP_BELOW, Pipelining
@@ -556,12 +556,7 @@ class Pool:
 
     def _timeout(self, job: Job) -> Outcome:
         self._finished(job)  # nothing is queued behind it now
-        limit = job.spec.time_limit or self._time_limit
-        return Outcome(
-            OutcomeKind.TIMEOUT,
-            error_type="TimeLimitExceeded",
-            error_message=f"hard time limit of {limit:g}s exceeded",
-        )
+        return timeout_outcome(job.spec.time_limit or self._time_limit)
 
 
 def _unwired(job: Job, outcome: Outcome) -> None:
