@@ -220,7 +220,10 @@ def joins_holder(vhost: Vhost) -> int | None:
     quoted = urllib.request.quote(vhost.name, safe="")
     for consumer in _management(f"consumers/{quoted}"):
         if consumer["queue"]["name"] == routing.JOINS_QUEUE and consumer.get("active"):
-            connection = consumer["channel_details"]["connection_name"]
+            channel = consumer.get("channel_details")
+            if not isinstance(channel, dict):
+                continue  # the management API has not caught up with the channel yet ([])
+            connection = channel["connection_name"]
             details = _management(f"connections/{urllib.request.quote(connection, safe='')}")
             name = details["client_properties"].get("connection_name", "")
             return int(name.split(" pid ")[1].split()[0])
