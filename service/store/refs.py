@@ -17,9 +17,13 @@ A `Ref` says what the bytes are; whether it may be followed is the store's decis
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from service.errors import EncodeError
@@ -72,6 +76,28 @@ class Ref:
             raise BadReference(
                 f"content_type must be 1 to {MAX_CONTENT_TYPE_LENGTH} printable ASCII characters"
             )
+
+    # -- reading, through this process's store (`service.store.active`) ------------------------
+
+    def open(self) -> io.BufferedReader:
+        """The blob as a binary stream, verified as it is read (`Store.open`)."""
+        from service.store.active import active_store
+
+        return active_store().open(self)
+
+    def read_bytes(self) -> bytes:
+        """The whole blob, verified, in memory (`Store.get_bytes`)."""
+        from service.store.active import active_store
+
+        return active_store().get_bytes(self)
+
+    def fetch(self, directory: str | os.PathLike[str] | None = None) -> Path:
+        """A local file holding the blob, verified (`Store.fetch_to_path`): the blob's own file
+        on a file store (read-only: do not modify or delete it), a download into
+        ``directory`` (default: the temporary directory) on S3."""
+        from service.store.active import active_store
+
+        return active_store().fetch_to_path(self, directory or tempfile.gettempdir())
 
     def to_wire(self) -> dict[str, Any]:
         """The reference as it goes into a message body: ``{"$hutch_ref": {...}}``."""
