@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 from service import protocol
 from service.errors import ConfigError
 from service.store.errors import BadReference, StoreUnavailable
-from service.store.refs import MARKER, Ref, is_marker, resolve_refs
+from service.store.refs import Ref, is_marker, resolve_refs
 
 if TYPE_CHECKING:
     from service.store.base import Store
@@ -52,18 +52,7 @@ class Want(Enum):
     STREAM = "stream"
 
 
-_MARKER_BYTES: Final = MARKER.encode()
 _STREAM_TYPES: Final = (typing.BinaryIO, typing.IO, io.BufferedReader, io.BufferedIOBase)
-
-
-def may_hold_refs(content_type: str, body: bytes) -> bool:
-    """False when ``body`` certainly has no reference, so the common job skips a traversal.
-
-    msgpack strings are raw UTF-8, so the key's bytes must appear; JSON may spell a key with
-    ``\\u`` escapes, so a JSON body with any escape is looked at too."""
-    if _MARKER_BYTES in body:
-        return True
-    return protocol.media_type(content_type) == protocol.JSON and b"\\u" in body
 
 
 def _want_of(annotation: Any) -> Want:

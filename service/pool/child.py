@@ -27,13 +27,13 @@ from service import continuation, protocol
 from service.context import TaskContext, _set_current
 from service.continuation import BUILTIN_TASKS, FlowState, Here, Publish, Transition
 from service.errors import EncodeError, ProtocolError, SoftTimeLimitExceeded
-from service.pool.blobs import Blobs, may_hold_refs
+from service.pool.blobs import Blobs
 from service.pool.jobs import Outcome, OutcomeKind
 from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame, frame
 from service.protocol import Reason
 from service.registry import TaskSpec, import_task_modules, lookup
 from service.store.errors import BadReference, BlobMissing, StoreError
-from service.store.refs import is_marker
+from service.store.refs import is_marker, may_hold_refs
 
 _PR_SET_PDEATHSIG = 1
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

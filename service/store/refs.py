@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from service import protocol
 from service.errors import EncodeError
 from service.store.errors import BadReference
 
@@ -38,6 +39,7 @@ MAX_URL_LENGTH: Final = 2048
 MAX_CONTENT_TYPE_LENGTH: Final = 255
 MAX_SIZE_FIELD: Final = 2**53 - 1  # the largest integer every JSON reader holds exactly (JS)
 
+_MARKER_BYTES: Final = MARKER.encode()
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 # Printable ASCII: the content type may end up in a log line or an HTTP header.
 _PRINTABLE: Final = re.compile(r"[\x20-\x7e]+")
@@ -134,6 +136,16 @@ class Ref:
                 + (f"; unknown {', '.join(unknown)[:200]}" if unknown else "")
             )
         return cls(fields["url"], fields["size"], fields["sha256"], fields["content_type"])
+
+
+def may_hold_refs(content_type: str, body: bytes) -> bool:
+    """False when ``body`` certainly has no reference, so the common job skips a traversal.
+
+    msgpack strings are raw UTF-8, so the key's bytes must appear; JSON may spell a key with
+    ``\\u`` escapes, so a JSON body with any escape is looked at too."""
+    if _MARKER_BYTES in body:
+        return True
+    return protocol.media_type(content_type) == protocol.JSON and b"\\u" in body
 
 
 def is_marker(value: Any) -> bool:
