@@ -2,7 +2,7 @@
 
 A producer puts the bytes in a store shared by every host and sends a small `Ref` instead; the
 pool child that runs the task checks the ref against its own store and reads the bytes back,
-verified. The parent never downloads. See docs/store-protocol-draft.md for the wire format.
+verified. The parent never downloads. See docs/protocol.md §13 for the wire format.
 
     store = open_store("file:///shared/hutch")       # or "s3://bucket/prefix"
     ref = store.put_file("/tmp/video.mp4", "video/mp4")
