@@ -38,9 +38,9 @@ def _parser(*, worker_only: bool = False) -> argparse.ArgumentParser:
     add_arguments(worker)
     worker.set_defaults(run=_worker)
     if not worker_only:
-        from service.commands import call, dlq, inspect, map, schedule
+        from service.commands import call, dlq, inspect, map, schedule, store
 
-        for command in (call, dlq, inspect, map, schedule):
+        for command in (call, dlq, inspect, map, schedule, store):
             command.add_parser(commands)
     return parser
 
@@ -56,11 +56,23 @@ def _worker(options: argparse.Namespace) -> int:
         raise ConfigError(
             "--tasks (or HUTCH_TASKS) is required: the modules holding your @task functions"
         )
+    _check_store()
     configure_logging(settings.log_level, settings.log_format)
     # Like `python -m`, let task modules in the working directory be found.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     return uvloop.run(Worker(settings).run())
+
+
+def _check_store() -> None:
+    """Refuse to start with a bad ``HUTCH_STORE_*`` or a store root that is not there (an
+    unmounted share), rather than dead-letter the first reference. The pool children open
+    their own store; this one only looks (for S3 it makes no request)."""
+    from service.store.config import StoreSettings
+
+    store_settings = StoreSettings.from_env()
+    if store_settings.url is not None:
+        store_settings.open().close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

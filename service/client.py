@@ -20,7 +20,10 @@ threads and notebooks alike without touching the caller's event loop::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import math
+import os
 import threading
 import time
 import uuid
@@ -36,9 +39,14 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from service import protocol, routing, topology
 from service.broker import connect, open_channel
 from service.continuation import Publish, entry
-from service.errors import HutchError, ProtocolError, TaskError
+from service.errors import HutchError, MessageTooLarge, ProtocolError, TaskError
 from service.flow import Chain, Group, Node, Step, TaskRef, step
-from service.settings import broker_url_from_env
+from service.settings import broker_url_from_env, max_message_size_from_env
+from service.store.base import Store
+from service.store.config import StoreSettings
+from service.store.errors import StoreError
+from service.store.refs import DEFAULT_CONTENT_TYPE, Ref, embed_refs, is_marker, may_hold_refs
+from service.store.refs import resolve_refs as _resolve_refs
 
 T = TypeVar("T")
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
@@ -56,6 +64,13 @@ class AsyncClient:
     - ``content_type``: ``application/msgpack`` (default) or ``application/json``.
     - ``timeout``: seconds ``call`` and ``map`` wait for each result; None waits forever.
     - ``window``: most tasks ``map`` keeps in flight at once.
+    - ``store``: the blob store for large data, a URL (``file:///shared/path``,
+      ``s3://bucket/prefix``) or a `service.store.Store`; default ``HUTCH_STORE_URL``, else
+      none. A task body (or a flow's message) whose encoding exceeds ``offload_threshold``
+      (default ``HUTCH_OFFLOAD_THRESHOLD``, 1 MiB) goes to the store and the message carries
+      its reference; results that came by reference are read back from it.
+    - ``max_message_size``: the largest body published (default ``HUTCH_MAX_MESSAGE_SIZE``,
+      8 MiB); over it, without a store, `MessageTooLarge` is raised before anything is sent.
     """
 
     def __init__(
@@ -66,6 +81,9 @@ class AsyncClient:
         content_type: str = protocol.MSGPACK,
         timeout: float | None = None,
         window: int = 1000,
+        store: str | Store | None = None,
+        offload_threshold: int | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         if content_type not in protocol.CONTENT_TYPES:
             raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
@@ -82,6 +100,15 @@ class AsyncClient:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._reply_lock = asyncio.Lock()
+        store_settings = StoreSettings.from_env()
+        self._store_settings = dataclasses.replace(
+            store_settings, url=store if isinstance(store, str) else store_settings.url
+        )
+        self._store: Store | None = store if isinstance(store, Store) else None
+        self._owns_store = self._store is None  # a store handed in is the caller's to close
+        self.offload_threshold = offload_threshold or store_settings.offload_threshold
+        self.max_message_size = max_message_size or max_message_size_from_env()
+        self._replies: set[asyncio.Task[None]] = set()  # results being read from the store
 
     async def connect(self) -> Self:
         if self._connection is None:
@@ -100,6 +127,9 @@ class AsyncClient:
         if connection is not None:
             await connection.close()
         self._fail_waiting(HutchError("client closed"))
+        if self._owns_store and self._store is not None:
+            self._store.close()
+            self._store = None
 
     async def __aenter__(self) -> Self:
         return await self.connect()
@@ -218,8 +248,14 @@ class AsyncClient:
             exchange = await self._exchange(name)
         elif eta is not None:
             headers[protocol.ETA_HEADER] = eta
+        body = await self._fit(
+            protocol.encode(
+                self.content_type,
+                {"args": embed_refs(list(step.args)), "kwargs": embed_refs(dict(step.kwargs))},
+            )
+        )
         message = aio_pika.Message(
-            protocol.encode_request(self.content_type, step.args, step.kwargs),
+            body,
             headers=headers,
             content_type=self.content_type,
             message_id=task_id,
@@ -235,7 +271,12 @@ class AsyncClient:
         """Publish a flow's entry step(s), each confirmed (`service.continuation.entry`)."""
         channel = await self._ready_channel()
         now = time.time()
-        publishes = entry(flow, flow_id=flow_id, queue=self.queue, content_type=self.content_type)
+        publishes = [
+            dataclasses.replace(publish, body=await self._fit(publish.body))
+            for publish in entry(
+                flow, flow_id=flow_id, queue=self.queue, content_type=self.content_type
+            )
+        ]
 
         async def one(publish: Publish) -> None:
             exchange = (
@@ -258,6 +299,45 @@ class AsyncClient:
             await exchange.publish(message, publish.routing_key, mandatory=True)
 
         await asyncio.gather(*(one(publish) for publish in publishes))
+
+    async def _fit(self, body: bytes) -> bytes:
+        """``body``, or a reference to it in the store when it is over the offload threshold;
+        `MessageTooLarge` if it is over ``max_message_size`` and there is no store. Checked
+        before publishing, so an oversize body never reaches the broker (which would close
+        the channel, or worse) and the next publish goes out as usual."""
+        if len(body) > self.offload_threshold and self.has_store:
+            ref = await asyncio.to_thread(self.store().put_bytes, body, self.content_type)
+            return protocol.encode(self.content_type, ref.to_wire())
+        if len(body) > self.max_message_size:
+            raise MessageTooLarge(len(body), self.max_message_size)
+        return body
+
+    # -- large data by reference ----------------------------------------------------------
+
+    @property
+    def has_store(self) -> bool:
+        return self._store is not None or self._store_settings.url is not None
+
+    def store(self) -> Store:
+        """The blob store (opened on first use); `ConfigError` if none is configured."""
+        if self._store is None:
+            self._store = self._store_settings.open()
+        return self._store
+
+    async def put_file(
+        self, path: str | os.PathLike[str], content_type: str = DEFAULT_CONTENT_TYPE
+    ) -> Ref:
+        """Store a local file, streamed (never read whole), and return its `Ref`: pass it as
+        a task argument and the task gets a path, a stream or the ref, by its annotation."""
+        return await asyncio.to_thread(self.store().put_file, path, content_type)
+
+    async def put_bytes(self, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> Ref:
+        """Store ``data`` and return its `Ref`."""
+        return await asyncio.to_thread(self.store().put_bytes, data, content_type)
+
+    def open(self, ref: Ref) -> io.BufferedReader:
+        """A blob (say, a task's result by reference) as a stream, verified as it is read."""
+        return self.store().open(ref)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -295,19 +375,48 @@ class AsyncClient:
         future = self._waiting.get(properties.correlation_id or "")
         if future is None or future.done():
             return  # a late or duplicate result (tasks run at least once)
+        content_type = properties.content_type or ""
         try:
             envelope = protocol.decode(
-                properties.content_type or "", message.body, max_depth=None, string_keys=False
+                content_type, message.body, max_depth=None, string_keys=False
             )
-            if envelope.get("ok"):
-                future.set_result(envelope.get("result"))
-            else:
-                error = envelope.get("error") or {}
-                future.set_exception(
-                    TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
+            if may_hold_refs(content_type, message.body) and is_marker(envelope):
+                # The result came by reference: read it off the loop, then settle the future.
+                reading = asyncio.get_running_loop().create_task(
+                    self._read_reply(future, content_type, envelope)
                 )
+                self._replies.add(reading)
+                reading.add_done_callback(self._replies.discard)
+                return
+            self._settle_reply(future, envelope, refs=may_hold_refs(content_type, message.body))
         except (ProtocolError, AttributeError, TypeError) as exc:
             future.set_exception(HutchError(f"unreadable result: {exc}"))
+
+    async def _read_reply(
+        self, future: asyncio.Future[Any], content_type: str, marker: Any
+    ) -> None:
+        try:
+            ref = Ref.from_wire(marker)
+            body = await asyncio.to_thread(self.store().get_bytes, ref)
+            envelope = protocol.decode(content_type, body, max_depth=None, string_keys=False)
+            if not future.done():
+                self._settle_reply(future, envelope, refs=may_hold_refs(content_type, body))
+        except (StoreError, HutchError, ProtocolError, AttributeError, TypeError) as exc:
+            if not future.done():
+                future.set_exception(HutchError(f"unreadable result by reference: {exc}"))
+
+    @staticmethod
+    def _settle_reply(future: asyncio.Future[Any], envelope: Any, *, refs: bool) -> None:
+        """Settle a waiting call from a decoded result envelope; references in the result
+        become `Ref` objects (open them with `open`, or ``ref.open()``)."""
+        if envelope.get("ok"):
+            result = envelope.get("result")
+            future.set_result(_resolve_refs(result, lambda ref: ref) if refs else result)
+        else:
+            error = envelope.get("error") or {}
+            future.set_exception(
+                TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
+            )
 
     def _on_close(self, *_: Any) -> None:
         self._connection = self._channel = None
@@ -371,6 +480,17 @@ class Client:
 
     def consumer_count(self) -> int:
         return self._run(self._async.consumer_count())
+
+    def put_file(
+        self, path: str | os.PathLike[str], content_type: str = DEFAULT_CONTENT_TYPE
+    ) -> Ref:
+        return self._run(self._async.put_file(path, content_type))
+
+    def put_bytes(self, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> Ref:
+        return self._run(self._async.put_bytes(data, content_type))
+
+    def open(self, ref: Ref) -> io.BufferedReader:
+        return self._async.open(ref)
 
     def close(self) -> None:
         if self._thread.is_alive():

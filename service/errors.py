@@ -53,6 +53,22 @@ class EncodeError(HutchError):
     """A value that has no representation in the chosen content type."""
 
 
+class MessageTooLarge(HutchError):
+    """A message body over the broker's limit (``HUTCH_MAX_MESSAGE_SIZE``), refused by the
+    client before anything was published: the connection stays usable. ``size`` and ``limit``
+    are in bytes."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the message body is {size} bytes, over HUTCH_MAX_MESSAGE_SIZE ({limit} bytes), "
+            "and no blob store is configured to carry it: set HUTCH_STORE_URL (file:///shared "
+            "or s3://bucket/prefix) so large arguments go by reference, or pass the data by "
+            "reference yourself (Client.put_file)"
+        )
+        self.size = size
+        self.limit = limit
+
+
 # -- the broker ---------------------------------------------------------------------------------
 
 

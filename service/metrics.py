@@ -29,6 +29,7 @@ from service.pool.jobs import RestartReason
 from service.protocol import Reason
 from service.schedules import Schedule
 from service.settle import Action, TaskOutcome
+from service.store.errors import RefFailure
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -125,6 +126,10 @@ class Counts:
     join_records: int = 0
     join_oldest_seconds: float = 0.0
     join_capacity: int = 0
+    # Claim checks: blobs the children put in the store for output, and references they could
+    # not resolve, by kind.
+    offloads: int = 0
+    ref_failures: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class Metrics(Observer):
@@ -161,6 +166,8 @@ class Metrics(Observer):
             counts.restarts[restart.value] = 0
         for event in FlowEvent:
             counts.flows_ended[event.value] = 0
+        for failure in RefFailure:
+            counts.ref_failures[failure.value] = 0
 
     def watch(
         self,
@@ -239,6 +246,11 @@ class Metrics(Observer):
 
     def on_restart(self, reason: RestartReason) -> None:
         self.counts.restarts[reason.value] += 1
+
+    def on_blobs(self, offloads: int, failure: RefFailure | None) -> None:
+        self.counts.offloads += offloads
+        if failure is not None:
+            self.counts.ref_failures[failure.value] += 1
 
     # -- schedules ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from service.pool.jobs import RestartReason
     from service.protocol import Reason
     from service.settle import Action, TaskOutcome
+    from service.store.errors import RefFailure
 
 
 class Observer:
@@ -42,6 +43,10 @@ class Observer:
 
     def on_restart(self, reason: RestartReason) -> None:
         """A pool child was replaced."""
+
+    def on_blobs(self, offloads: int, failure: RefFailure | None) -> None:
+        """A job's child put ``offloads`` blobs in the store for its output, or could not
+        resolve a blob reference (``failure``)."""
 
     def on_leader(self, leading: bool) -> None:
         """This worker became, or stopped being, the leader of its queue's schedules."""
@@ -91,6 +96,10 @@ class Observers(Observer):
     def on_restart(self, reason: RestartReason) -> None:
         for observer in self._observers:
             observer.on_restart(reason)
+
+    def on_blobs(self, offloads: int, failure: RefFailure | None) -> None:
+        for observer in self._observers:
+            observer.on_blobs(offloads, failure)
 
     def on_leader(self, leading: bool) -> None:
         for observer in self._observers:

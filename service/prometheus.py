@@ -303,6 +303,19 @@ class _CountsCollector(Collector):
             ["queue", "outcome"],
             ((q, outcome, n) for outcome, n in c.flows_ended.items()),
         )
+        yield counter(
+            "hutch_blob_offloads",
+            "Blobs this worker's children put in the store for results and flow messages too "
+            "large to send inline.",
+            ["queue"],
+            [(q, c.offloads)],
+        )
+        yield counter(
+            "hutch_blob_ref_failures",
+            "Blob references a child could not resolve, by kind.",
+            ["queue", "kind"],
+            ((q, kind, n) for kind, n in c.ref_failures.items()),
+        )
         # The fan-in is held by one worker per vhost at a time; the others report 0.
         for name, doc, value in (
             ("hutch_flow_joins_open", "Fan-ins of flows open in this worker.", c.joins_open),

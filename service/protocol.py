@@ -94,6 +94,7 @@ class Reason(StrEnum):
     TOO_DEEP = "too_deep"
     BAD_ETA = "bad_eta"
     BAD_FLOW = "bad_flow"
+    BAD_REF = "bad_ref"  # a blob reference that must not be followed, or whose blob never came
     FAILED = "failed"
     TIMEOUT = "timeout"
     DELIVERY_LIMIT = "delivery_limit"
@@ -226,7 +227,14 @@ def decode_flow_request(
 
     A body with a flow may nest `FLOW_DEPTH_ALLOWANCE` levels deeper than ``max_depth``.
     """
-    value = decode(content_type, body, max_depth=None)
+    return request_parts(decode(content_type, body, max_depth=None), max_depth=max_depth)
+
+
+def request_parts(
+    value: Any, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> tuple[list[Any], dict[str, Any], Any]:
+    """`decode_flow_request` of a body already decoded without a depth cap (a pool child
+    decodes first to see whether the body is a blob reference, `service.pool.blobs`)."""
     if isinstance(value, dict) and value.get("flow") is not None:
         _check_depth(value, max_depth + FLOW_DEPTH_ALLOWANCE)
     else:
@@ -242,9 +250,21 @@ def decode_flow_request(
     return args, kwargs, value.get("flow")
 
 
+def _wire_form(value: Any) -> Any:
+    """What an object with a ``to_wire`` method (a blob reference, `service.store.Ref`) is
+    encoded as; TypeError for anything else. A hook rather than an import: the codec stays
+    free of the store, and results with no reference pay for no traversal."""
+    to_wire = getattr(type(value), "to_wire", None)
+    if to_wire is None:
+        raise TypeError(f"{type(value).__name__} is not serializable")
+    return to_wire(value)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.isoformat()
+    if getattr(type(value), "to_wire", None) is not None:
+        return _wire_form(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -252,7 +272,7 @@ def encode(content_type: str, value: Any) -> bytes:
     """Encode a value; raises `EncodeError` for values the content type cannot carry."""
     try:
         if content_type == MSGPACK:
-            return msgpack.packb(value, datetime=True)  # type: ignore[no-any-return]
+            return msgpack.packb(value, datetime=True, default=_wire_form)  # type: ignore[no-any-return]
         if content_type == JSON:
             return json.dumps(
                 value, separators=(",", ":"), default=_json_default, allow_nan=False

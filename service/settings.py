@@ -8,6 +8,7 @@ broker URL is deliberately not a flag (``ps`` would show its password); it comes
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import re
@@ -35,6 +36,25 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size (examples: 1048576, 512KiB, 4MiB, 1GiB)")
     unit = (match.group(2) or "")[:1].lower()
     return int(match.group(1)) * _UNITS[unit]
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """A duration from ``30s``, ``10m``, ``2h``, ``7d``, ``1w`` or ``1h30m``."""
+    spec = text.strip().lower()
+    if not spec or _DURATION.sub("", spec) != "":
+        raise ValueError(
+            f"{text!r} is not a duration: use a number with a unit, such as 30s, 10m, 2h, 7d, "
+            "1w or 1h30m"
+        )
+    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(spec))
+    try:
+        return dt.timedelta(seconds=seconds)
+    except OverflowError:
+        return dt.timedelta.max
 
 
 N = TypeVar("N", int, float)
@@ -340,6 +360,28 @@ def load(
     if "broker_url" not in values:
         values["broker_url"] = broker_url_from_env(environ)
     return Settings(**values)
+
+
+# The largest body a client publishes. RabbitMQ does not advertise its max_message_size, so
+# this is a setting (HUTCH_MAX_MESSAGE_SIZE). Well under the 16 MiB that RabbitMQ 4.x refuses
+# by default: on 3.10 (limit 128 MiB) a 50 MiB body left the node answering no AMQP handshake
+# until it was restarted, so an unconfigured client must never come near such sizes.
+DEFAULT_MAX_MESSAGE_SIZE = 8 << 20
+
+
+def max_message_size_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``HUTCH_MAX_MESSAGE_SIZE`` (a size), else `DEFAULT_MAX_MESSAGE_SIZE`; `ConfigError`."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("HUTCH_MAX_MESSAGE_SIZE", "").strip()
+    if not raw:
+        return DEFAULT_MAX_MESSAGE_SIZE
+    try:
+        size = parse_size(raw)
+    except ValueError as exc:
+        raise ConfigError(f"HUTCH_MAX_MESSAGE_SIZE: {exc}") from None
+    if size < 1:
+        raise ConfigError("HUTCH_MAX_MESSAGE_SIZE must be at least 1 byte")
+    return size
 
 
 def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:

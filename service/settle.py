@@ -151,6 +151,8 @@ class Settler:
         """Settle a job the pool is done with (the pool's ``on_done``). Plain function: the
         common case queues an ack and returns."""
         decision = decide(job, outcome)
+        if outcome.offloads or outcome.ref_failure is not None:
+            self._observer.on_blobs(outcome.offloads, outcome.ref_failure)
         if decision.outcome is not None:
             self._observer.on_finished(
                 job.spec.name, decision.outcome, job.run_seconds, job.cpu_seconds

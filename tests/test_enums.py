@@ -14,6 +14,7 @@ from service.ops.deadletters import REASONS, BrokerReason
 from service.pool.jobs import RestartReason
 from service.protocol import Reason
 from service.settle import Action, TaskOutcome
+from service.store.errors import RefFailure
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS: dict[tuple[str, str], type[StrEnum]] = {
@@ -22,6 +23,7 @@ LABELS: dict[tuple[str, str], type[StrEnum]] = {
     ("hutch_dead_letters_total", "reason"): Reason,
     ("hutch_child_restarts_total", "reason"): RestartReason,
     ("hutch_flows_ended_total", "outcome"): FlowEvent,
+    ("hutch_blob_ref_failures_total", "kind"): RefFailure,
 }
 
 
@@ -60,6 +62,7 @@ def test_operations_doc_lists_exactly_the_label_values() -> None:
     rows = doc_table_values(ROOT / "docs" / "operations.md", "`outcome`")
     rows |= doc_table_values(ROOT / "docs" / "operations.md", "`action`")
     rows |= doc_table_values(ROOT / "docs" / "operations.md", "`reason`")
+    rows |= doc_table_values(ROOT / "docs" / "operations.md", "`kind`")
     for (metric, _label), enum in LABELS.items():
         assert rows.get(metric) == values(enum), metric
 

@@ -709,12 +709,16 @@ async def test_children_import_no_amqp_client_and_no_metrics() -> None:
             "service.errors",
             "service.flow",
             "service.pool",
+            "service.pool.blobs",
             "service.pool.jobs",
             "service.pool.pipe",
             "service.protocol",
             "service.registry",
             "service.routing",
             "service.schedules",
+            "service.store",
+            "service.store.errors",
+            "service.store.refs",
         ]
 
 

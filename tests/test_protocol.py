@@ -432,6 +432,7 @@ def test_reasons_are_stable_strings() -> None:
         "failed",
         "timeout",
         "delivery_limit",
+        "bad_ref",
     }
 
 

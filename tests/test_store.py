@@ -787,10 +787,10 @@ def test_an_unreachable_s3_store_is_retriable(tmp_path: Path) -> None:
 
 
 def test_the_documented_lifecycle_rule_is_accepted(moto_endpoint: str, s3_admin: Any) -> None:
-    """The S3 lifecycle rule in docs/store-protocol-draft.md §7 is valid JSON that an S3 API
-    takes as it is."""
-    draft = (Path(__file__).resolve().parent.parent / "docs/store-protocol-draft.md").read_text()
-    section = draft.split("## 7. Lifecycle", 1)[1].split("\n## ", 1)[0]
+    """The S3 lifecycle rule in docs/operations.md ("The blob store") is valid JSON that an S3
+    API takes as it is."""
+    doc = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    section = doc.split("## The blob store", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```json\n(.*?)```", section, re.DOTALL)
     rule = json.loads(block)
     bucket = f"hutch-{uuid.uuid4().hex[:12]}"

@@ -29,7 +29,7 @@ from service.store.locations import blob_key, file_path_of, s3_key_of
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS_FILE = ROOT / "docs/protocol/vectors/store.json"
-DRAFT = ROOT / "docs/store-protocol-draft.md"
+PROTOCOL = ROOT / "docs/protocol.md"
 KINDS = ("ref", "invalid-ref", "not-ref", "blob", "allowed", "refused")
 MEMBERS = {
     "ref": {"value", "ref"},
@@ -78,8 +78,11 @@ def test_every_kind_is_covered() -> None:
     assert stores == {"file", "s3"}
 
 
-def test_the_draft_points_to_the_vectors() -> None:
-    assert "protocol/vectors/store.json" in DRAFT.read_text(encoding="utf-8")
+def test_the_protocol_points_to_the_vectors() -> None:
+    text = PROTOCOL.read_text(encoding="utf-8")
+    section = text.split("## 13. Large data by reference", 1)[1].split("\n## ", 1)[0]
+    assert "protocol/vectors/store.json" in section
+    assert DOC["spec"].startswith("docs/protocol.md")
 
 
 # -- references ------------------------------------------------------------------------------

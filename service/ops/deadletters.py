@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import fnmatch
 import hashlib
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -24,6 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from service import protocol
 from service.protocol import Reason
 from service.republish import copy_message, is_broker_header, publisher_headers
+from service.settings import parse_duration
 
 
 class BrokerReason(StrEnum):
@@ -161,21 +161,19 @@ class DeadLetter:
         }
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """A point in time from ``2026-05-01T12:00`` (UTC unless it has an offset) or ``10m``.
 
     Durations are counted back from ``now``: ``30s``, ``10m``, ``2h``, ``1d``, ``1w``, ``1h30m``.
     """
-    spec = text.strip().lower()
     now = now or dt.datetime.now(dt.UTC)
-    if spec and _DURATION.sub("", spec) == "":
-        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(spec))
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        pass
+    else:
         try:
-            return now - dt.timedelta(seconds=seconds)
+            return now - ago
         except OverflowError:
             return dt.datetime.min.replace(tzinfo=dt.UTC)
     try:

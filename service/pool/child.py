@@ -9,7 +9,9 @@ result or exception object ever crosses the pipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import dataclasses
 import functools
 import inspect
 import os
@@ -23,12 +25,15 @@ from typing import Any, BinaryIO, Final
 
 from service import continuation, protocol
 from service.context import TaskContext, _set_current
-from service.continuation import BUILTIN_TASKS, FlowState, Here, Transition
+from service.continuation import BUILTIN_TASKS, FlowState, Here, Publish, Transition
 from service.errors import EncodeError, ProtocolError, SoftTimeLimitExceeded
+from service.pool.blobs import Blobs
 from service.pool.jobs import Outcome, OutcomeKind
 from service.pool.pipe import FAILED, HEADER, READY, JobFrame, ResultFrame, frame
 from service.protocol import Reason
 from service.registry import TaskSpec, import_task_modules, lookup
+from service.store.errors import BadReference, BlobMissing, StoreError
+from service.store.refs import is_marker, may_hold_refs
 
 _PR_SET_PDEATHSIG = 1
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -88,7 +93,7 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 class Runner:
-    """Runs decoded jobs; owns the per-child limits."""
+    """Runs decoded jobs; owns the per-child limits and the child's claim checks."""
 
     def __init__(
         self,
@@ -102,17 +107,30 @@ class Runner:
         # When a flow's next steps are built (their countdowns count from it); `service.testing`
         # runs this same code on a fake clock.
         self.clock = clock
+        self.blobs = Blobs()
 
     def run(self, job: JobFrame) -> Outcome:
         spec = lookup(job.task)
         if spec is None:  # the parent checks first; this guards a mismatched child
             return _rejected(Reason.UNKNOWN_TASK, job.task)
+        with contextlib.ExitStack() as cleanup:  # streams and files a task was handed
+            try:
+                return self._run(job, spec, cleanup)
+            except StoreError as exc:
+                return _store_outcome(exc, ran=False)
+
+    def _run(self, job: JobFrame, spec: TaskSpec, cleanup: contextlib.ExitStack) -> Outcome:
         here: Here | None = None
         flow: FlowState | None = None
         try:
-            args, kwargs, raw_flow = protocol.decode_flow_request(
-                job.content_type, job.body, max_depth=self.max_depth
-            )
+            body = job.body
+            refs = may_hold_refs(job.content_type, body)
+            value = protocol.decode(job.content_type, body, max_depth=None)
+            if refs and is_marker(value):  # the whole body came by reference
+                body = self.blobs.body(job.content_type, value)
+                refs = may_hold_refs(job.content_type, body)
+                value = protocol.decode(job.content_type, body, max_depth=None)
+            args, kwargs, raw_flow = protocol.request_parts(value, max_depth=self.max_depth)
             if raw_flow is not None or job.task in BUILTIN_TASKS:
                 here = Here(
                     job.content_type, job.message_id, job.headers, job.reply_to, job.correlation_id
@@ -126,6 +144,8 @@ class Runner:
                 # Checked before the step runs: a bad later step fails the flow now.
                 flow = continuation.read(raw_flow, known=_known)
             _bind(spec, args, kwargs)
+            if refs:
+                args, kwargs = self.blobs.arguments(spec.fn, args, kwargs, cleanup)
         except ProtocolError as exc:
             return _rejected(exc.reason, exc.detail)
         _set_current(
@@ -140,6 +160,8 @@ class Runner:
         )
         try:
             value = self._call(spec, args, kwargs)
+        except StoreError as exc:  # the task opened a reference itself (ref.open())
+            return _store_outcome(exc, ran=True)
         except BaseException as exc:  # even SystemExit: every failure becomes a plain record
             error_type, message = _describe(exc)
             return Outcome(OutcomeKind.ERROR, error_type=error_type, error_message=message)
@@ -157,12 +179,21 @@ class Runner:
             payload = protocol.ok_result(job.content_type, value)
         except EncodeError as exc:
             return _failed("UnserializableResult", str(exc))
+        offloaded = self._offload(job.content_type, payload)
+        if offloaded is not None:
+            return Outcome(OutcomeKind.OK, offloaded, offloads=1)
         if len(payload) > self.max_result_size:
             return _failed(
                 "ResultTooLarge",
-                f"result is {len(payload)} bytes, over the {self.max_result_size}-byte cap",
+                f"result is {len(payload)} bytes, over the {self.max_result_size}-byte cap "
+                "(set HUTCH_STORE_URL to send large results by reference)",
             )
         return Outcome(OutcomeKind.OK, payload)
+
+    def _offload(self, content_type: str, body: bytes) -> bytes | None:
+        """``body`` as a reference, when it is over the offload threshold and there is a
+        store; a store that fails raises `StoreError` (see `_store_outcome`)."""
+        return self.blobs.offload(content_type, body)
 
     @staticmethod
     def _builtin(task: str, args: list[Any], raw_flow: Any, here: Here, now: float) -> Transition:
@@ -179,14 +210,23 @@ class Runner:
             return _rejected(exc.reason, exc.detail)
         except EncodeError as exc:
             return _failed("UnserializableResult", str(exc))
+        publishes: list[Publish] = []
+        offloads = 0
         for publish in done.publishes:
-            if len(publish.body) > self.max_result_size:
+            offloaded = self._offload(publish.content_type, publish.body)
+            if offloaded is not None:
+                publish = dataclasses.replace(publish, body=offloaded)
+                offloads += 1
+            elif len(publish.body) > self.max_result_size:
                 return _failed(
                     "ResultTooLarge",
                     f"the flow's next message is {len(publish.body)} bytes, over the "
                     f"{self.max_result_size}-byte cap",
                 )
-        return Outcome(OutcomeKind.OK, publishes=done.publishes, flow=done.event)
+            publishes.append(publish)
+        return Outcome(
+            OutcomeKind.OK, publishes=tuple(publishes), flow=done.event, offloads=offloads
+        )
 
     @staticmethod
     def _call(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -211,6 +251,35 @@ def _rejected(reason: Reason, detail: str) -> Outcome:
         error_message=detail,
         retryable=False,
         reason=reason,
+    )
+
+
+def _store_outcome(exc: StoreError, *, ran: bool) -> Outcome:
+    """What a blob that could not be read (or written) makes of a job, with ``bad_ref`` as the
+    dead-letter reason carried explicitly for `service.settle.decide`:
+
+    - a reference that must not be followed, or bytes that do not match it: dead-lettered at
+      once (rejected if the task never ran);
+    - a missing blob: retried with backoff (it may not be visible yet), then ``bad_ref``;
+    - a store that failed: retried, then ``failed`` like any error (the reference was fine);
+    - a result too large even for the store: failed, no retry.
+    """
+    detail = f"{type(exc).__name__}: {exc.detail}"
+    if isinstance(exc, BadReference):
+        if not ran:
+            return dataclasses.replace(_rejected(Reason.BAD_REF, detail), ref_failure=exc.failure)
+        reason: Reason | None = Reason.BAD_REF
+    elif isinstance(exc, BlobMissing):
+        reason = Reason.BAD_REF
+    else:
+        reason = None
+    return Outcome(
+        OutcomeKind.ERROR,
+        error_type=type(exc).__name__,
+        error_message=protocol.truncate(exc.detail),
+        retryable=exc.retriable,
+        reason=reason,
+        ref_failure=exc.failure,
     )
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from service.continuation import FlowEvent, Publish
 from service.protocol import Reason
 from service.registry import TaskSpec
+from service.store.errors import RefFailure
 
 if TYPE_CHECKING:
     from service.delivery import Delivery
@@ -39,7 +40,8 @@ class Outcome:
     ``reason`` is the dead-letter reason when the one who found the problem knows it (bad
     input, say); settling falls back to ``failed`` or ``timeout``. ``publishes`` are what
     follows a flow's step (`service.continuation`), published before the ack; ``flow`` says
-    whether the flow ended with it.
+    whether the flow ended with it. ``offloads`` counts the blobs the child put in the store
+    for this job's output; ``ref_failure`` says why a blob reference could not be resolved.
     """
 
     kind: OutcomeKind
@@ -50,6 +52,8 @@ class Outcome:
     reason: Reason | None = None
     publishes: tuple[Publish, ...] = ()
     flow: FlowEvent | None = None
+    offloads: int = 0
+    ref_failure: RefFailure | None = None
 
 
 def timeout_outcome(limit: float) -> Outcome:

@@ -21,6 +21,7 @@ import msgpack
 from service.continuation import FlowEvent, Publish
 from service.pool.jobs import Job, Outcome, OutcomeKind
 from service.protocol import Reason
+from service.store.errors import RefFailure
 
 HEADER: Final = struct.Struct("!I")
 READY: Final = b"ready"
@@ -118,6 +119,8 @@ class ResultFrame:
                     self.run_seconds,
                     [publish.to_tuple() for publish in o.publishes],
                     o.flow.value if o.flow is not None else None,
+                    o.offloads,
+                    o.ref_failure.value if o.ref_failure is not None else None,
                 )
             )
         )
@@ -138,6 +141,8 @@ class ResultFrame:
             run,
             publishes,
             flow,
+            offloads,
+            ref_failure,
         ) = fields
         outcome = Outcome(
             OutcomeKind(kind),
@@ -148,5 +153,7 @@ class ResultFrame:
             Reason(reason) if reason is not None else None,
             tuple(Publish.from_tuple(p) for p in publishes),
             FlowEvent(flow) if flow is not None else None,
+            offloads,
+            RefFailure(ref_failure) if ref_failure is not None else None,
         )
         return cls(job_id, outcome, cpu, rss, run)

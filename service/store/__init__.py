@@ -2,7 +2,7 @@
 
 A producer puts the bytes in a store shared by every host and sends a small `Ref` instead; the
 pool child that runs the task checks the ref against its own store and reads the bytes back,
-verified. The parent never downloads. See docs/store-protocol-draft.md for the wire format.
+verified. The parent never downloads. See docs/protocol.md §13 for the wire format.
 
     store = open_store("file:///shared/hutch")       # or "s3://bucket/prefix"
     ref = store.put_file("/tmp/video.mp4", "video/mp4")
@@ -15,18 +15,52 @@ Importing this package loads neither boto3 nor the S3 store; `open_store` does, 
 
 from __future__ import annotations
 
-from service.store.base import DEFAULT_MAX_SIZE, Store, SweepReport
-from service.store.config import StoreSettings, store_url_parts
-from service.store.errors import (
-    BadReference,
-    BlobCorrupt,
-    BlobMissing,
-    BlobTooLarge,
-    StoreError,
-    StoreUnavailable,
-)
-from service.store.files import FileStore
-from service.store.refs import MARKER, Ref, embed_refs, is_marker, resolve_refs
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.store.base import DEFAULT_MAX_SIZE, Store, SweepReport
+    from service.store.config import StoreSettings
+    from service.store.errors import (
+        BadReference,
+        BlobCorrupt,
+        BlobMissing,
+        BlobTooLarge,
+        StoreError,
+        StoreUnavailable,
+    )
+    from service.store.files import FileStore
+    from service.store.refs import MARKER, Ref, embed_refs, is_marker, resolve_refs
+
+# Loaded on first use, so a pool child that only checks for references (`service.pool.blobs`)
+# does not pay for the stores, their settings and hashlib at start-up.
+_LAZY = {
+    "DEFAULT_MAX_SIZE": "base",
+    "Store": "base",
+    "SweepReport": "base",
+    "StoreSettings": "config",
+    "BadReference": "errors",
+    "BlobCorrupt": "errors",
+    "BlobMissing": "errors",
+    "BlobTooLarge": "errors",
+    "StoreError": "errors",
+    "StoreUnavailable": "errors",
+    "FileStore": "files",
+    "MARKER": "refs",
+    "Ref": "refs",
+    "embed_refs": "refs",
+    "is_marker": "refs",
+    "resolve_refs": "refs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'service.store' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"service.store.{module}"), name)
+
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -52,16 +86,22 @@ __all__ = [
 def open_store(
     url: str,
     *,
-    max_size: int = DEFAULT_MAX_SIZE,
+    max_size: int | None = None,
     s3_endpoint_url: str | None = None,
     s3_region: str | None = None,
     s3_addressing_style: str | None = None,
 ) -> Store:
     """The store at ``url``: ``file:///path`` (an existing directory, the same on every host)
-    or ``s3://bucket[/prefix]``. The ``s3_*`` arguments override boto3's own configuration.
+    or ``s3://bucket[/prefix]``; ``max_size`` defaults to `DEFAULT_MAX_SIZE`. The ``s3_*``
+    arguments override boto3's own configuration.
     Raises `ConfigError` for a bad URL, a missing root, or boto3 not installed."""
     from service.errors import ConfigError
+    from service.store.base import DEFAULT_MAX_SIZE
+    from service.store.config import store_url_parts
+    from service.store.files import FileStore
 
+    if max_size is None:
+        max_size = DEFAULT_MAX_SIZE
     scheme, bucket, path = store_url_parts(url)
     if scheme == "file":
         return FileStore(path, max_size=max_size)

@@ -5,7 +5,7 @@ and their connection pools must not cross a fork) and is safe to use from severa
 Producers put blobs and get `Ref` s; consumers check a ref against the store (`check`) and
 read it back, verified (`open`, `get_bytes`, `fetch_to_path`). Nothing is deleted when a task
 is acked: retries, dead letters and replays still point at the blob, so blobs are removed by
-age alone (`sweep`, or the S3 lifecycle rule in docs/store-protocol-draft.md).
+age alone (`sweep`, or the S3 lifecycle rule in docs/operations.md, "The blob store").
 """
 
 from __future__ import annotations

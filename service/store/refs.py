@@ -17,11 +17,16 @@ A `Ref` says what the bytes are; whether it may be followed is the store's decis
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
+from service import protocol
 from service.errors import EncodeError
 from service.store.errors import BadReference
 
@@ -34,6 +39,7 @@ MAX_URL_LENGTH: Final = 2048
 MAX_CONTENT_TYPE_LENGTH: Final = 255
 MAX_SIZE_FIELD: Final = 2**53 - 1  # the largest integer every JSON reader holds exactly (JS)
 
+_MARKER_BYTES: Final = MARKER.encode()
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 # Printable ASCII: the content type may end up in a log line or an HTTP header.
 _PRINTABLE: Final = re.compile(r"[\x20-\x7e]+")
@@ -73,6 +79,28 @@ class Ref:
                 f"content_type must be 1 to {MAX_CONTENT_TYPE_LENGTH} printable ASCII characters"
             )
 
+    # -- reading, through this process's store (`service.store.active`) ------------------------
+
+    def open(self) -> io.BufferedReader:
+        """The blob as a binary stream, verified as it is read (`Store.open`)."""
+        from service.store.active import active_store
+
+        return active_store().open(self)
+
+    def read_bytes(self) -> bytes:
+        """The whole blob, verified, in memory (`Store.get_bytes`)."""
+        from service.store.active import active_store
+
+        return active_store().get_bytes(self)
+
+    def fetch(self, directory: str | os.PathLike[str] | None = None) -> Path:
+        """A local file holding the blob, verified (`Store.fetch_to_path`): the blob's own file
+        on a file store (read-only: do not modify or delete it), a download into
+        ``directory`` (default: the temporary directory) on S3."""
+        from service.store.active import active_store
+
+        return active_store().fetch_to_path(self, directory or tempfile.gettempdir())
+
     def to_wire(self) -> dict[str, Any]:
         """The reference as it goes into a message body: ``{"$hutch_ref": {...}}``."""
         return {
@@ -108,6 +136,16 @@ class Ref:
                 + (f"; unknown {', '.join(unknown)[:200]}" if unknown else "")
             )
         return cls(fields["url"], fields["size"], fields["sha256"], fields["content_type"])
+
+
+def may_hold_refs(content_type: str, body: bytes) -> bool:
+    """False when ``body`` certainly has no reference, so the common job skips a traversal.
+
+    msgpack strings are raw UTF-8, so the key's bytes must appear; JSON may spell a key with
+    ``\\u`` escapes, so a JSON body with any escape is looked at too."""
+    if _MARKER_BYTES in body:
+        return True
+    return protocol.media_type(content_type) == protocol.JSON and b"\\u" in body
 
 
 def is_marker(value: Any) -> bool:
