@@ -7,6 +7,13 @@ fill and drain, the fastest request/reply path the broker has. A result for a cl
 gone is dropped by the broker, as an exclusive reply queue would be deleted with it. ``call``,
 ``map`` and ``starmap`` raise `TaskError` with the remote error's type and message.
 
+With several broker nodes (a comma-separated URL list), the client connects to the first that
+answers in its shuffled order. A publish that meets a lost connection or a node that does not
+confirm is sent again, on the next node and with the same ``message_id``, until it is confirmed
+or ``publish_timeout`` has passed; then `BrokerUnavailable` names the URLs tried. A task may so
+reach the broker twice (the first copy confirmed but the confirm lost): workers run tasks at
+least once anyway, and the id is the idempotency key.
+
 ``Client`` runs an `AsyncClient` on a private event-loop thread, so it works from plain scripts,
 threads and notebooks alike without touching the caller's event loop::
 
@@ -20,11 +27,12 @@ threads and notebooks alike without touching the caller's event loop::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -34,14 +42,22 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service import protocol, routing, topology
-from service.broker import connect, open_channel
+from service.broker import CONNECT_TIMEOUT, Nodes, connect_node, open_channel
 from service.continuation import Publish, entry
-from service.errors import HutchError, ProtocolError, TaskError
+from service.errors import BrokerUnavailable, HutchError, ProtocolError, TaskError
 from service.flow import Chain, Group, Node, Step, TaskRef, step
-from service.settings import broker_url_from_env
+from service.nodes import Node as BrokerNode
+from service.settings import broker_url_from_env, publish_timeout_from_env
 
 T = TypeVar("T")
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+# A publish attempt waits this long for its confirm before it is tried on the next node: a
+# black-holed node would otherwise hold it until the heartbeat gives up (about 18 s).
+ATTEMPT_TIMEOUT: Final = CONNECT_TIMEOUT
+# First pause between rounds over the nodes, doubling up to the second value.
+_RETRY_START, _RETRY_MAX = 0.1, 2.0
+# What a lost connection or an unreachable node looks like while publishing: try again.
+_OUTAGE = (OSError, TimeoutError, aiormq.exceptions.ChannelInvalidStateError)
 
 
 class AsyncClient:
@@ -49,33 +65,44 @@ class AsyncClient:
 
     Options (keyword arguments):
 
-    - ``url``: AMQP URL; default ``HUTCH_BROKER_URL`` (or ``HUTCH_BROKER_URL_FILE``), else
-      ``amqp://guest:guest@localhost:5672/``.
+    - ``url``: AMQP URL, a comma-separated list of several nodes' URLs, or a list of them;
+      default ``HUTCH_BROKER_URL`` (or ``HUTCH_BROKER_URL_FILE``), else
+      ``amqp://guest:guest@localhost:5672/``. The nodes are shuffled once per client.
     - ``queue``: the work queue, default ``"default"``; declared (with its dead-letter queue)
       on connect, so tasks published before any worker starts wait for one.
     - ``content_type``: ``application/msgpack`` (default) or ``application/json``.
     - ``timeout``: seconds ``call`` and ``map`` wait for each result; None waits forever.
     - ``window``: most tasks ``map`` keeps in flight at once.
+    - ``publish_timeout``: seconds a publish keeps trying the nodes through an outage before
+      `BrokerUnavailable`; default ``HUTCH_PUBLISH_TIMEOUT``, else 30.
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         queue: str = "default",
         content_type: str = protocol.MSGPACK,
         timeout: float | None = None,
         window: int = 1000,
+        publish_timeout: float | None = None,
     ) -> None:
         if content_type not in protocol.CONTENT_TYPES:
             raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
         routing.check_queue_name(queue)
-        self.url = url or broker_url_from_env()
+        if publish_timeout is None:
+            publish_timeout = publish_timeout_from_env()
+        if not 0 < publish_timeout < math.inf:
+            raise ValueError("publish_timeout must be a positive number of seconds")
+        self.nodes = Nodes(url or broker_url_from_env())
+        self.url = str(self.nodes)  # passwords masked
+        self.publish_timeout = publish_timeout
         self.queue = queue
         self.content_type = content_type
         self.timeout = timeout
         self.window = window
         self._connection: AbstractConnection | None = None
+        self._node: BrokerNode | None = None  # the node of the open connection
         self._channel: AbstractChannel | None = None
         self._listening = False  # consuming direct replies on the current channel
         self._declared: set[str] = set()  # queues declared on this connection
@@ -83,21 +110,76 @@ class AsyncClient:
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._reply_lock = asyncio.Lock()
 
-    async def connect(self) -> Self:
+    async def connect(self, *, timeout: float = CONNECT_TIMEOUT) -> Self:
+        """Connect to the first node that answers (each tried once, for at most ``timeout``
+        seconds) and declare the queue; `BrokerUnavailable` if none does."""
         if self._connection is None:
-            self._connection = await connect(self.url, name="hutch-client")
-            self._connection.close_callbacks.add(self._on_close)
-            self._channel = await open_channel(
-                self._connection, publisher_confirms=True, on_return_raises=True
-            )
-            await topology.declare(self._channel, self.queue)
+            connection, node = await connect_node(self.nodes, name="hutch-client", timeout=timeout)
+            try:
+                connection.close_callbacks.add(self._on_close)
+                self._connection, self._node = connection, node
+                self._channel = await open_channel(
+                    connection, publisher_confirms=True, on_return_raises=True
+                )
+                await topology.declare(self._channel, self.queue)
+            except BaseException:
+                await self._drop()
+                raise
             self._declared = {self.queue}
             self._exchanges = {}
         return self
 
+    async def _drop(self) -> None:
+        """Give up the connection (after a failure on it): the next use connects anew."""
+        connection, node = self._connection, self._node
+        self._connection = self._channel = self._node = None
+        self._listening = False
+        if node is not None:
+            self.nodes.failed(node)
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*_OUTAGE, aiormq.exceptions.AMQPError):
+                await connection.close()
+
+    async def _through_outage(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it succeeds, moving to the next node after each outage error,
+        for at most ``publish_timeout`` seconds; then `BrokerUnavailable` naming the URLs
+        tried. Anything else (a nack, an unroutable return) is raised at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        tried: list[str] = []
+        errors: list[BaseException] = []
+        pause = _RETRY_START
+        while True:
+            left = deadline - loop.time()
+            node = self._node or self.nodes.current
+            try:
+                if self._connection is None:
+                    await self.connect(timeout=max(0.01, min(CONNECT_TIMEOUT, left)))
+                    node = self._node or node
+                async with asyncio.timeout(max(0.01, min(ATTEMPT_TIMEOUT, left))):
+                    return await attempt()
+            except BrokerUnavailable as exc:  # no node took the connection this round
+                tried += exc.tried
+                errors += exc.errors
+            except aiormq.exceptions.DeliveryError:
+                raise  # the broker has the node up and said no: not an outage
+            except (*_OUTAGE, aiormq.exceptions.AMQPError) as exc:
+                live = self._connection is not None and not self._connection.is_closed
+                if not isinstance(exc, _OUTAGE) and live:
+                    raise  # a channel error on a live connection: not an outage
+                tried.append(node.safe)
+                errors.append(exc)
+                await self._drop()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BrokerUnavailable(tried, errors, waited=self.publish_timeout)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _RETRY_MAX)
+
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
+        self._channel = self._node = None
+        if connection is not None and not connection.is_closed:
             await connection.close()
         self._fail_waiting(HutchError("client closed"))
 
@@ -180,31 +262,55 @@ class AsyncClient:
         )
 
     async def _call(self, step: Node) -> Any:
-        await self._listen()
         task_id = uuid.uuid4().hex
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[task_id] = future
         try:
             await self._publish(step, reply_to=DIRECT_REPLY_TO, task_id=task_id)
             async with asyncio.timeout(self.timeout):
-                return await future
+                return await self._waiting[task_id]
         finally:
             self._waiting.pop(task_id, None)
 
     async def _publish(
         self, step: Node, *, reply_to: str | None, task_id: str | None = None
     ) -> str:
-        channel = await self._ready_channel()
-        for queue in _queues(step, self.queue):
-            if queue not in self._declared:
-                await topology.declare_queue(channel, queue)
-                self._declared.add(queue)
+        """Publish ``step`` (or a flow's entry steps) and wait for the confirm, through an
+        outage (`_through_outage`): every attempt carries the same ``task_id``."""
         task_id = task_id or uuid.uuid4().hex
-        if not isinstance(step, Step):
-            await self._publish_flow(step, reply_to, task_id)
-            return task_id
-        queue = step.queue or self.queue
         now = time.time()
+        attempts = 0
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            channel = await self._ready_channel()
+            for queue in _queues(step, self.queue):
+                if queue not in self._declared:
+                    await topology.declare_queue(channel, queue)
+                    self._declared.add(queue)
+            if reply_to is not None:
+                # A result comes back on the channel that published: listen on this one, and
+                # wait afresh (a lost connection failed the previous wait).
+                await self._listen()
+                old = self._waiting.get(task_id)
+                if old is not None and old.done() and not old.cancelled():
+                    old.exception()  # retrieved: it only said the old connection was lost
+                self._waiting[task_id] = asyncio.get_running_loop().create_future()
+            if isinstance(step, Step):
+                # A re-publish counts its delay from now: the ETA stays where it was.
+                await self._publish_step(
+                    step, reply_to, task_id, now, sent=now if attempts == 1 else time.time()
+                )
+            else:
+                await self._publish_flow(step, reply_to, task_id)
+
+        await self._through_outage(attempt)
+        return task_id
+
+    async def _publish_step(
+        self, step: Step, reply_to: str | None, task_id: str, now: float, *, sent: float
+    ) -> None:
+        channel = await self._ready_channel()
+        queue = step.queue or self.queue
         headers: dict[str, Any] = {protocol.TASK_HEADER: step.task}
         exchange, routing_key = channel.default_exchange, queue
         eta = step.eta_ms(now)
@@ -213,7 +319,7 @@ class AsyncClient:
             headers[protocol.ETA_HEADER] = eta
             # From the same millisecond the ETA was rounded up from: a countdown of 2 s is
             # two seconds of delay, not three.
-            delay_ms = eta - math.ceil(now * 1000)
+            delay_ms = max(0, eta - math.ceil(sent * 1000))
             name, routing_key = routing.delay_routing_key(queue, delay_ms / 1000)
             exchange = await self._exchange(name)
         elif eta is not None:
@@ -229,7 +335,6 @@ class AsyncClient:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await exchange.publish(message, routing_key, mandatory=True)
-        return task_id
 
     async def _publish_flow(self, flow: Chain | Group, reply_to: str | None, flow_id: str) -> None:
         """Publish a flow's entry step(s), each confirmed (`service.continuation.entry`)."""

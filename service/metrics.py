@@ -19,7 +19,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -69,7 +69,9 @@ class ConsumerGauges(Protocol):
     @property
     def connected(self) -> bool: ...
     @property
-    def reconnects(self) -> int: ...
+    def reconnects(self) -> Mapping[str, int]: ...  # by node address, every node listed
+    @property
+    def current_node(self) -> str | None: ...  # the address consumed from now
 
 
 @dataclass

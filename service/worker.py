@@ -61,7 +61,7 @@ class Worker:
         # Imported here, once the children are booting (see the module docstring).
         from service.acks import AckRouter
         from service.admission import Intake
-        from service.broker import Publisher, vhost_of
+        from service.broker import Nodes, Publisher
         from service.consumer import Consumer
         from service.joins import Joins
         from service.metrics import Metrics
@@ -71,8 +71,10 @@ class Worker:
 
         s = self.settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
-        self.metrics = Metrics(s.queue, vhost=vhost_of(s.broker_url))
-        self.publisher = Publisher(s.broker_url, name=name + " publish")
+        # One shuffled order for every connection of this process, so they fail over together.
+        nodes = Nodes(s.broker_url)
+        self.metrics = Metrics(s.queue, vhost=nodes.vhost)
+        self.publisher = Publisher(nodes, name=name + " publish")
         acks = AckRouter()
         # Stages report to the observers; the list is filled once every stage exists, since
         # the prefetch control observes the settler and acts on the consumer and the pool.
@@ -87,7 +89,7 @@ class Worker:
             max_deliveries=s.max_deliveries,
         )
         self.consumer = Consumer(
-            s.broker_url,
+            nodes,
             s.queue,
             prefetch=s.prefetch,
             on_message=self.intake,
@@ -108,7 +110,7 @@ class Worker:
         self.scheduler: Scheduler | None = None
         if any(schedules):
             self.scheduler = Scheduler(
-                s.broker_url,
+                nodes,
                 s.queue,
                 [schedule for schedule in schedules if schedule is not None],
                 observer=observers,
@@ -118,7 +120,7 @@ class Worker:
                 self.metrics.add_schedule(schedule)
         # Every worker stands by to hold the fan-in of flows; the broker picks one at a time.
         self.joins: Joins = Joins(
-            s.broker_url,
+            nodes,
             capacity=s.join_capacity,
             max_age=s.join_max_age,
             compact_after=min(600.0, s.consumer_timeout / 3),
@@ -177,7 +179,7 @@ class Worker:
         log.info("%s", info)
         for warning in warnings:
             log.warning("%s", warning)
-        if s.insecure_tls and s.broker_url.startswith("amqps://"):
+        if s.insecure_tls and "amqps://" in s.broker_url:
             log.warning(
                 "TLS CERTIFICATE VERIFICATION IS OFF (HUTCH_INSECURE_TLS): anyone on the path "
                 "to the broker can read and forge tasks"
