@@ -193,8 +193,10 @@ class Publisher:
             self._nodes.failed(self._node)  # the next connection tries the next node
         self._exchanges.clear()
         if connection is not None and not connection.is_closed:
+            # A black-holed node never answers the close: do not wait on it.
             with contextlib.suppress(*CONNECTION_ERRORS):
-                await connection.close()
+                async with asyncio.timeout(1.0):
+                    await connection.close()
 
     async def close(self) -> None:
         async with self._lock:

@@ -51,9 +51,11 @@ from service.settings import broker_url_from_env, publish_timeout_from_env
 
 T = TypeVar("T")
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
-# A publish attempt waits this long for its confirm before it is tried on the next node: a
-# black-holed node would otherwise hold it until the heartbeat gives up (about 18 s).
+# A publish attempt waits at most this long (and at most a third of ``publish_timeout``) for its
+# confirm before it is tried on the next node: a black-holed node would otherwise hold it until
+# the heartbeat gives up (about 18 s), and the budget would end on the first node.
 ATTEMPT_TIMEOUT: Final = CONNECT_TIMEOUT
+_CLOSE_TIMEOUT: Final = 1.0
 # First pause between rounds over the nodes, doubling up to the second value.
 _RETRY_START, _RETRY_MAX = 0.1, 2.0
 # What a lost connection or an unreachable node looks like while publishing: try again.
@@ -109,25 +111,30 @@ class AsyncClient:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._reply_lock = asyncio.Lock()
+        self._connect_lock = asyncio.Lock()
 
     async def connect(self, *, timeout: float = CONNECT_TIMEOUT) -> Self:
         """Connect to the first node that answers (each tried once, for at most ``timeout``
         seconds) and declare the queue; `BrokerUnavailable` if none does."""
-        if self._connection is None:
-            connection, node = await connect_node(self.nodes, name="hutch-client", timeout=timeout)
-            try:
-                connection.close_callbacks.add(self._on_close)
-                self._connection, self._node = connection, node
-                self._channel = await open_channel(
-                    connection, publisher_confirms=True, on_return_raises=True
-                )
-                await topology.declare(self._channel, self.queue)
-            except BaseException:
-                await self._drop()
-                raise
-            self._declared = {self.queue}
-            self._exchanges = {}
+        async with self._connect_lock:  # concurrent publishes share one new connection
+            if self._connection is None:
+                await self._open(timeout)
         return self
+
+    async def _open(self, timeout: float) -> None:
+        connection, node = await connect_node(self.nodes, name="hutch-client", timeout=timeout)
+        try:
+            connection.close_callbacks.add(self._on_close)
+            self._connection, self._node = connection, node
+            self._channel = await open_channel(
+                connection, publisher_confirms=True, on_return_raises=True
+            )
+            await topology.declare(self._channel, self.queue)
+        except BaseException:
+            await self._drop()
+            raise
+        self._declared = {self.queue}
+        self._exchanges = {}
 
     async def _drop(self) -> None:
         """Give up the connection (after a failure on it): the next use connects anew."""
@@ -137,8 +144,10 @@ class AsyncClient:
         if node is not None:
             self.nodes.failed(node)
         if connection is not None and not connection.is_closed:
+            # A black-holed node never answers the close: do not wait on it.
             with contextlib.suppress(*_OUTAGE, aiormq.exceptions.AMQPError):
-                await connection.close()
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await connection.close()
 
     async def _through_outage(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it succeeds, moving to the next node after each outage error,
@@ -152,11 +161,14 @@ class AsyncClient:
         while True:
             left = deadline - loop.time()
             node = self._node or self.nodes.current
+            used = self._connection
             try:
                 if self._connection is None:
-                    await self.connect(timeout=max(0.01, min(CONNECT_TIMEOUT, left)))
-                    node = self._node or node
-                async with asyncio.timeout(max(0.01, min(ATTEMPT_TIMEOUT, left))):
+                    bound = min(CONNECT_TIMEOUT, self.publish_timeout / 3, left)
+                    await self.connect(timeout=max(0.01, bound))
+                    node, used = self._node or node, self._connection
+                bound = min(ATTEMPT_TIMEOUT, self.publish_timeout / 3, left)
+                async with asyncio.timeout(max(0.01, bound)):
                     return await attempt()
             except BrokerUnavailable as exc:  # no node took the connection this round
                 tried += exc.tried
@@ -169,7 +181,10 @@ class AsyncClient:
                     raise  # a channel error on a live connection: not an outage
                 tried.append(node.safe)
                 errors.append(exc)
-                await self._drop()
+                if used is not None and self._connection is used:
+                    await self._drop()  # not one another publish has opened meanwhile
+                else:
+                    self.nodes.failed(node)
             left = deadline - loop.time()
             if left <= 0:
                 raise BrokerUnavailable(tried, errors, waited=self.publish_timeout)
