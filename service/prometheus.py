@@ -142,9 +142,11 @@ class _StateCollector(Collector):
             "1 for the broker node the consuming connection is open to, 0 for the others.",
             labels=["node"],
         )
-        for node, count in (consumer.reconnects if consumer else {}).items():
-            reconnects.add_metric([node], count)
-            current.add_metric([node], 1 if consumer and consumer.current_node == node else 0)
+        counted = consumer.reconnects if consumer else {}
+        on = consumer.current_node if consumer else None
+        for node in self._state.nodes:
+            reconnects.add_metric([node], counted.get(node, 0))
+            current.add_metric([node], 1 if node == on else 0)
         yield reconnects
         yield current
         yield gauge(

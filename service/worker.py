@@ -73,7 +73,9 @@ class Worker:
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
         # One shuffled order for every connection of this process, so they fail over together.
         nodes = Nodes(s.broker_url)
-        self.metrics = Metrics(s.queue, vhost=nodes.vhost)
+        self.metrics = Metrics(
+            s.queue, vhost=nodes.vhost, nodes=[node.address for node in nodes.all]
+        )
         self.publisher = Publisher(nodes, name=name + " publish")
         acks = AckRouter()
         # Stages report to the observers; the list is filled once every stage exists, since
