@@ -130,18 +130,21 @@ class AsyncClient:
                 connection, publisher_confirms=True, on_return_raises=True
             )
             await topology.declare(self._channel, self.queue)
-        except BaseException:
-            await self._drop()
+        except BaseException as exc:
+            # A refused declaration (the queue exists with other arguments) is no fault of
+            # the node: the next connection may go to it again.
+            await self._drop(failed=isinstance(exc, _OUTAGE))
             raise
         self._declared = {self.queue}
         self._exchanges = {}
 
-    async def _drop(self) -> None:
-        """Give up the connection (after a failure on it): the next use connects anew."""
+    async def _drop(self, *, failed: bool = True) -> None:
+        """Give up the connection (after a failure on it): the next use connects anew, to the
+        next node if this one ``failed``."""
         connection, node = self._connection, self._node
         self._connection = self._channel = self._node = None
         self._listening = False
-        if node is not None:
+        if node is not None and failed:
             self.nodes.failed(node)
         if connection is not None and not connection.is_closed:
             # A black-holed node never answers the close: do not wait on it.
@@ -173,12 +176,14 @@ class AsyncClient:
             except BrokerUnavailable as exc:  # no node took the connection this round
                 tried += exc.tried
                 errors += exc.errors
-            except aiormq.exceptions.DeliveryError:
-                raise  # the broker has the node up and said no: not an outage
+            except (aiormq.exceptions.DeliveryError, aiormq.exceptions.AMQPChannelError):
+                # The node is up and said no (a nack, a return, a refused declaration): not
+                # an outage, and another node would say the same.
+                raise
             except (*_OUTAGE, aiormq.exceptions.AMQPError) as exc:
                 live = self._connection is not None and not self._connection.is_closed
                 if not isinstance(exc, _OUTAGE) and live:
-                    raise  # a channel error on a live connection: not an outage
+                    raise  # a protocol error on a live connection: not an outage
                 tried.append(node.safe)
                 errors.append(exc)
                 if used is not None and self._connection is used:
