@@ -12,7 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from service.context import TaskContext, current_task
-from service.errors import ConfigError, HutchError, SoftTimeLimitExceeded, TaskError
+from service.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    HutchError,
+    SoftTimeLimitExceeded,
+    TaskError,
+)
 from service.flow import Chain, Group, Step, chain, group, step
 from service.registry import task
 from service.schedules import every
@@ -24,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "BrokerUnavailable",
     "Chain",
     "Client",
     "ConfigError",

@@ -8,6 +8,10 @@ what "this connection or channel is gone" looks like, and the one plain `Runtime
 library raises for it (a channel asked of a closed connection) is translated into
 `BrokerConnectionError` by `open_channel`, so no other `RuntimeError` is ever taken for a lost
 connection.
+
+Every connection goes to one of the process's broker nodes (`service.nodes.Nodes`): `connect`
+tries them in order from the current one, each for at most ``timeout`` seconds, and raises
+`BrokerUnavailable` naming every URL it tried (passwords masked) when none answered.
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from service.errors import BrokerConnectionError, PublishError
+from service.errors import BrokerConnectionError, BrokerUnavailable, PublishError
+from service.nodes import Node, Nodes, safe_url, vhost_of
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "HEARTBEAT",
+    "Node",
+    "Nodes",
+    "Publisher",
+    "connect",
+    "connect_node",
+    "open_channel",
+    "safe_url",
+    "vhost_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +49,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 5
 
 
-def vhost_of(url: str) -> str:
-    """The virtual host an AMQP URL names: its path without the leading slash, or ``/``."""
-    path = urlsplit(url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-def safe_url(url: str) -> str:
-    """The URL with any password masked, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=netloc[0].split(":")[0] + ":******@" + netloc[1]))
-
-
-async def connect(url: str, *, name: str) -> AbstractConnection:
-    """One plain (non-robust) connection; callers own reconnecting, so no state is replayed."""
-    return await aio_pika.connect(
-        url, client_properties={"connection_name": name}, heartbeat=HEARTBEAT
-    )
-
-
 # Errors that mean "this connection or channel is gone": reconnect and carry on.
 CONNECTION_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -61,6 +56,56 @@ CONNECTION_ERRORS = (
     OSError,  # ConnectionError and BrokerConnectionError among them
     TimeoutError,
 )
+
+
+# Seconds one node may take to accept a connection and finish the AMQP handshake before the
+# next is tried: long enough for a loaded broker, short enough that a black-holed node does
+# not hold up a failover for long.
+CONNECT_TIMEOUT = 10.0
+
+
+def as_nodes(nodes: Nodes | str) -> Nodes:
+    """``nodes``, or the nodes a URL (list) names."""
+    return nodes if isinstance(nodes, Nodes) else Nodes(nodes)
+
+
+async def connect_node(
+    nodes: Nodes | str, *, name: str, timeout: float = CONNECT_TIMEOUT
+) -> tuple[AbstractConnection, Node]:
+    """One plain (non-robust) connection to the first node that answers, and that node.
+
+    Nodes are tried once each, from the current one on; a node that fails is passed over
+    (`Nodes.failed`) and the one that answers becomes current. Callers own reconnecting, so no
+    state is replayed. Raises `BrokerUnavailable` when no node answered.
+    """
+    nodes = as_nodes(nodes)
+    failures: list[tuple[Node, BaseException]] = []
+    for node in nodes.order():
+        try:
+            async with asyncio.timeout(timeout):
+                connection = await aio_pika.connect(
+                    node.url,
+                    client_properties={"connection_name": name},
+                    heartbeat=HEARTBEAT,
+                    timeout=timeout,
+                )
+        except CONNECTION_ERRORS as exc:
+            failures.append((node, exc))
+            nodes.failed(node)
+            if len(nodes) > 1:
+                log.debug("broker node %s did not answer: %r", node.safe, exc)
+            continue
+        nodes.use(node)
+        return connection, node
+    raise BrokerUnavailable([node.safe for node, _ in failures], [exc for _, exc in failures])
+
+
+async def connect(
+    nodes: Nodes | str, *, name: str, timeout: float = CONNECT_TIMEOUT
+) -> AbstractConnection:
+    """`connect_node` without the node."""
+    connection, _ = await connect_node(nodes, name=name, timeout=timeout)
+    return connection
 
 
 async def open_channel(connection: AbstractConnection, **options: Any) -> AbstractChannel:
@@ -84,8 +129,9 @@ class Publisher:
     connection is opened on first use and again after it is lost.
     """
 
-    def __init__(self, url: str, *, name: str, timeout: float = 15.0) -> None:
-        self._url = url
+    def __init__(self, nodes: Nodes | str, *, name: str, timeout: float = 15.0) -> None:
+        self._nodes = as_nodes(nodes)
+        self._node: Node | None = None
         self._name = name
         self._timeout = timeout
         self._connection: AbstractConnection | None = None
@@ -101,7 +147,7 @@ class Publisher:
             if self._channel is not None and not self._channel.is_closed:
                 return self._channel
             await self._drop()
-            connection = await connect(self._url, name=self._name)
+            connection, self._node = await connect_node(self._nodes, name=self._name)
             try:
                 self._channel = await open_channel(
                     connection, publisher_confirms=True, on_return_raises=True
@@ -129,7 +175,7 @@ class Publisher:
                     self._exchanges[exchange] = target
                 await target.publish(message, routing_key, mandatory=mandatory)
         except TimeoutError as exc:
-            await self._drop()
+            await self._drop(failed=True)
             raise PublishError(f"no confirm within {self._timeout:g}s") from exc
         except aio_pika.exceptions.PublishError as exc:  # a subclass of DeliveryError
             raise PublishError(
@@ -138,15 +184,19 @@ class Publisher:
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"the broker refused the message: {exc}") from exc
         except CONNECTION_ERRORS as exc:
-            await self._drop()
+            await self._drop(failed=True)
             raise PublishError(f"connection lost while publishing: {exc!r}") from exc
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, failed: bool = False) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        if failed and self._node is not None:
+            self._nodes.failed(self._node)  # the next connection tries the next node
         self._exchanges.clear()
         if connection is not None and not connection.is_closed:
+            # A black-holed node never answers the close: do not wait on it.
             with contextlib.suppress(*CONNECTION_ERRORS):
-                await connection.close()
+                async with asyncio.timeout(1.0):
+                    await connection.close()
 
     async def close(self) -> None:
         async with self._lock:

@@ -7,6 +7,13 @@ fill and drain, the fastest request/reply path the broker has. A result for a cl
 gone is dropped by the broker, as an exclusive reply queue would be deleted with it. ``call``,
 ``map`` and ``starmap`` raise `TaskError` with the remote error's type and message.
 
+With several broker nodes (a comma-separated URL list), the client connects to the first that
+answers in its shuffled order. A publish that meets a lost connection or a node that does not
+confirm is sent again, on the next node and with the same ``message_id``, until it is confirmed
+or ``publish_timeout`` has passed; then `BrokerUnavailable` names the URLs tried. A task may so
+reach the broker twice (the first copy confirmed but the confirm lost): workers run tasks at
+least once anyway, and the id is the idempotency key.
+
 ``Client`` runs an `AsyncClient` on a private event-loop thread, so it works from plain scripts,
 threads and notebooks alike without touching the caller's event loop::
 
@@ -20,6 +27,7 @@ threads and notebooks alike without touching the caller's event loop::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import math
@@ -27,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -37,11 +45,16 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service import protocol, routing, topology
-from service.broker import connect, open_channel
+from service.broker import CONNECT_TIMEOUT, Nodes, connect_node, open_channel
 from service.continuation import Publish, entry
-from service.errors import HutchError, MessageTooLarge, ProtocolError, TaskError
+from service.errors import BrokerUnavailable, HutchError, MessageTooLarge, ProtocolError, TaskError
 from service.flow import Chain, Group, Node, Step, TaskRef, step
-from service.settings import broker_url_from_env, max_message_size_from_env
+from service.nodes import Node as BrokerNode
+from service.settings import (
+    broker_url_from_env,
+    max_message_size_from_env,
+    publish_timeout_from_env,
+)
 from service.store.base import Store
 from service.store.config import StoreSettings
 from service.store.errors import StoreError
@@ -50,6 +63,15 @@ from service.store.refs import resolve_refs as _resolve_refs
 
 T = TypeVar("T")
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+# A publish attempt waits at most this long (and at most a third of ``publish_timeout``) for its
+# confirm before it is tried on the next node: a black-holed node would otherwise hold it until
+# the heartbeat gives up (about 18 s), and the budget would end on the first node.
+ATTEMPT_TIMEOUT: Final = CONNECT_TIMEOUT
+_CLOSE_TIMEOUT: Final = 1.0
+# First pause between rounds over the nodes, doubling up to the second value.
+_RETRY_START, _RETRY_MAX = 0.1, 2.0
+# What a lost connection or an unreachable node looks like while publishing: try again.
+_OUTAGE = (OSError, TimeoutError, aiormq.exceptions.ChannelInvalidStateError)
 
 
 class AsyncClient:
@@ -57,8 +79,9 @@ class AsyncClient:
 
     Options (keyword arguments):
 
-    - ``url``: AMQP URL; default ``HUTCH_BROKER_URL`` (or ``HUTCH_BROKER_URL_FILE``), else
-      ``amqp://guest:guest@localhost:5672/``.
+    - ``url``: AMQP URL, a comma-separated list of several nodes' URLs, or a list of them;
+      default ``HUTCH_BROKER_URL`` (or ``HUTCH_BROKER_URL_FILE``), else
+      ``amqp://guest:guest@localhost:5672/``. The nodes are shuffled once per client.
     - ``queue``: the work queue, default ``"default"``; declared (with its dead-letter queue)
       on connect, so tasks published before any worker starts wait for one.
     - ``content_type``: ``application/msgpack`` (default) or ``application/json``.
@@ -71,11 +94,13 @@ class AsyncClient:
       its reference; results that came by reference are read back from it.
     - ``max_message_size``: the largest body published (default ``HUTCH_MAX_MESSAGE_SIZE``,
       8 MiB); over it, without a store, `MessageTooLarge` is raised before anything is sent.
+    - ``publish_timeout``: seconds a publish keeps trying the nodes through an outage before
+      `BrokerUnavailable`; default ``HUTCH_PUBLISH_TIMEOUT``, else 30.
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         queue: str = "default",
         content_type: str = protocol.MSGPACK,
@@ -84,16 +109,24 @@ class AsyncClient:
         store: str | Store | None = None,
         offload_threshold: int | None = None,
         max_message_size: int | None = None,
+        publish_timeout: float | None = None,
     ) -> None:
         if content_type not in protocol.CONTENT_TYPES:
             raise ValueError(f"content_type must be one of {sorted(protocol.CONTENT_TYPES)}")
         routing.check_queue_name(queue)
-        self.url = url or broker_url_from_env()
+        if publish_timeout is None:
+            publish_timeout = publish_timeout_from_env()
+        if not 0 < publish_timeout < math.inf:
+            raise ValueError("publish_timeout must be a positive number of seconds")
+        self.nodes = Nodes(url or broker_url_from_env())
+        self.url = str(self.nodes)  # passwords masked
+        self.publish_timeout = publish_timeout
         self.queue = queue
         self.content_type = content_type
         self.timeout = timeout
         self.window = window
         self._connection: AbstractConnection | None = None
+        self._node: BrokerNode | None = None  # the node of the open connection
         self._channel: AbstractChannel | None = None
         self._listening = False  # consuming direct replies on the current channel
         self._declared: set[str] = set()  # queues declared on this connection
@@ -109,22 +142,95 @@ class AsyncClient:
         self.offload_threshold = offload_threshold or store_settings.offload_threshold
         self.max_message_size = max_message_size or max_message_size_from_env()
         self._replies: set[asyncio.Task[None]] = set()  # results being read from the store
+        self._connect_lock = asyncio.Lock()
 
-    async def connect(self) -> Self:
-        if self._connection is None:
-            self._connection = await connect(self.url, name="hutch-client")
-            self._connection.close_callbacks.add(self._on_close)
+    async def connect(self, *, timeout: float = CONNECT_TIMEOUT) -> Self:
+        """Connect to the first node that answers (each tried once, for at most ``timeout``
+        seconds) and declare the queue; `BrokerUnavailable` if none does."""
+        async with self._connect_lock:  # concurrent publishes share one new connection
+            if self._connection is None:
+                await self._open(timeout)
+        return self
+
+    async def _open(self, timeout: float) -> None:
+        connection, node = await connect_node(self.nodes, name="hutch-client", timeout=timeout)
+        try:
+            connection.close_callbacks.add(self._on_close)
+            self._connection, self._node = connection, node
             self._channel = await open_channel(
-                self._connection, publisher_confirms=True, on_return_raises=True
+                connection, publisher_confirms=True, on_return_raises=True
             )
             await topology.declare(self._channel, self.queue)
-            self._declared = {self.queue}
-            self._exchanges = {}
-        return self
+        except BaseException as exc:
+            # A refused declaration (the queue exists with other arguments) is no fault of
+            # the node: the next connection may go to it again.
+            await self._drop(failed=isinstance(exc, _OUTAGE))
+            raise
+        self._declared = {self.queue}
+        self._exchanges = {}
+
+    async def _drop(self, *, failed: bool = True) -> None:
+        """Give up the connection (after a failure on it): the next use connects anew, to the
+        next node if this one ``failed``."""
+        connection, node = self._connection, self._node
+        self._connection = self._channel = self._node = None
+        self._listening = False
+        if node is not None and failed:
+            self.nodes.failed(node)
+        if connection is not None and not connection.is_closed:
+            # A black-holed node never answers the close: do not wait on it.
+            with contextlib.suppress(*_OUTAGE, aiormq.exceptions.AMQPError):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await connection.close()
+
+    async def _through_outage(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it succeeds, moving to the next node after each outage error,
+        for at most ``publish_timeout`` seconds; then `BrokerUnavailable` naming the URLs
+        tried. Anything else (a nack, an unroutable return) is raised at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        tried: list[str] = []
+        errors: list[BaseException] = []
+        pause = _RETRY_START
+        while True:
+            left = deadline - loop.time()
+            node = self._node or self.nodes.current
+            used = self._connection
+            try:
+                if self._connection is None:
+                    bound = min(CONNECT_TIMEOUT, self.publish_timeout / 3, left)
+                    await self.connect(timeout=max(0.01, bound))
+                    node, used = self._node or node, self._connection
+                bound = min(ATTEMPT_TIMEOUT, self.publish_timeout / 3, left)
+                async with asyncio.timeout(max(0.01, bound)):
+                    return await attempt()
+            except BrokerUnavailable as exc:  # no node took the connection this round
+                tried += exc.tried
+                errors += exc.errors
+            except (aiormq.exceptions.DeliveryError, aiormq.exceptions.AMQPChannelError):
+                # The node is up and said no (a nack, a return, a refused declaration): not
+                # an outage, and another node would say the same.
+                raise
+            except (*_OUTAGE, aiormq.exceptions.AMQPError) as exc:
+                live = self._connection is not None and not self._connection.is_closed
+                if not isinstance(exc, _OUTAGE) and live:
+                    raise  # a protocol error on a live connection: not an outage
+                tried.append(node.safe)
+                errors.append(exc)
+                if used is not None and self._connection is used:
+                    await self._drop()  # not one another publish has opened meanwhile
+                else:
+                    self.nodes.failed(node)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BrokerUnavailable(tried, errors, waited=self.publish_timeout)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _RETRY_MAX)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
+        self._channel = self._node = None
+        if connection is not None and not connection.is_closed:
             await connection.close()
         self._fail_waiting(HutchError("client closed"))
         if self._owns_store and self._store is not None:
@@ -210,31 +316,55 @@ class AsyncClient:
         )
 
     async def _call(self, step: Node) -> Any:
-        await self._listen()
         task_id = uuid.uuid4().hex
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[task_id] = future
         try:
             await self._publish(step, reply_to=DIRECT_REPLY_TO, task_id=task_id)
             async with asyncio.timeout(self.timeout):
-                return await future
+                return await self._waiting[task_id]
         finally:
             self._waiting.pop(task_id, None)
 
     async def _publish(
         self, step: Node, *, reply_to: str | None, task_id: str | None = None
     ) -> str:
-        channel = await self._ready_channel()
-        for queue in _queues(step, self.queue):
-            if queue not in self._declared:
-                await topology.declare_queue(channel, queue)
-                self._declared.add(queue)
+        """Publish ``step`` (or a flow's entry steps) and wait for the confirm, through an
+        outage (`_through_outage`): every attempt carries the same ``task_id``."""
         task_id = task_id or uuid.uuid4().hex
-        if not isinstance(step, Step):
-            await self._publish_flow(step, reply_to, task_id)
-            return task_id
-        queue = step.queue or self.queue
         now = time.time()
+        attempts = 0
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            channel = await self._ready_channel()
+            for queue in _queues(step, self.queue):
+                if queue not in self._declared:
+                    await topology.declare_queue(channel, queue)
+                    self._declared.add(queue)
+            if reply_to is not None:
+                # A result comes back on the channel that published: listen on this one, and
+                # wait afresh (a lost connection failed the previous wait).
+                await self._listen()
+                old = self._waiting.get(task_id)
+                if old is not None and old.done() and not old.cancelled():
+                    old.exception()  # retrieved: it only said the old connection was lost
+                self._waiting[task_id] = asyncio.get_running_loop().create_future()
+            if isinstance(step, Step):
+                # A re-publish counts its delay from now: the ETA stays where it was.
+                await self._publish_step(
+                    step, reply_to, task_id, now, sent=now if attempts == 1 else time.time()
+                )
+            else:
+                await self._publish_flow(step, reply_to, task_id)
+
+        await self._through_outage(attempt)
+        return task_id
+
+    async def _publish_step(
+        self, step: Step, reply_to: str | None, task_id: str, now: float, *, sent: float
+    ) -> None:
+        channel = await self._ready_channel()
+        queue = step.queue or self.queue
         headers: dict[str, Any] = {protocol.TASK_HEADER: step.task}
         exchange, routing_key = channel.default_exchange, queue
         eta = step.eta_ms(now)
@@ -243,7 +373,7 @@ class AsyncClient:
             headers[protocol.ETA_HEADER] = eta
             # From the same millisecond the ETA was rounded up from: a countdown of 2 s is
             # two seconds of delay, not three.
-            delay_ms = eta - math.ceil(now * 1000)
+            delay_ms = max(0, eta - math.ceil(sent * 1000))
             name, routing_key = routing.delay_routing_key(queue, delay_ms / 1000)
             exchange = await self._exchange(name)
         elif eta is not None:
@@ -265,7 +395,6 @@ class AsyncClient:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await exchange.publish(message, routing_key, mandatory=True)
-        return task_id
 
     async def _publish_flow(self, flow: Chain | Group, reply_to: str | None, flow_id: str) -> None:
         """Publish a flow's entry step(s), each confirmed (`service.continuation.entry`)."""

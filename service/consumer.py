@@ -16,6 +16,10 @@ task.
 `Consumer.ping` times one request on its own idle channel of the consuming connection: the
 prefetch window (`service.prefetch`) needs the broker round trip, and AMQP heartbeats are
 never answered, so they cannot measure it.
+
+With several broker nodes (`service.nodes`), a lost connection moves on to the next node: the
+session on it declares the topology again and consumes again, and `reconnects` counts the
+losses by the node lost, `node` says which node the consumer is on now.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import aiormq.abc
 
 from service import topology
 from service.acks import AckRouter
-from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
+from service.broker import CONNECTION_ERRORS, Node, Nodes, as_nodes, connect_node, open_channel
 from service.delivery import Delivery
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ class Consumer:
 
     def __init__(
         self,
-        url: str,
+        nodes: Nodes | str,
         queue: str,
         *,
         prefetch: int,
@@ -62,7 +66,7 @@ class Consumer:
         name: str = "hutch-worker",
         paused: bool = False,
     ) -> None:
-        self._url = url
+        self.nodes = as_nodes(nodes)
         self._queue_name = queue
         self.prefetch = prefetch  # the window wanted; the consumer on the broker follows it
         self._applied = 0  # the window of the consumer registered now (0: none)
@@ -78,8 +82,9 @@ class Consumer:
         self.acks = acks or AckRouter()
         self.consuming = False
         self.connected = False
-        self._ever_connected = False
-        self.reconnects = 0
+        self.node: Node | None = None  # the node of the open connection
+        # Established connections lost, by the node's address (every node listed, from 0).
+        self.reconnects: dict[str, int] = {node.address: 0 for node in self.nodes.all}
 
     async def run(self) -> None:
         """Consume until `close`; reconnects forever with capped, jittered backoff."""
@@ -104,7 +109,7 @@ class Consumer:
                     return
                 log.warning(
                     "broker connection to %s failed: %r; reconnecting in %.1fs",
-                    safe_url(self._url),
+                    self.nodes.current.safe if self.node is None else self.node.safe,
                     exc,
                     delay,
                 )
@@ -115,14 +120,19 @@ class Consumer:
             delay = min(delay * 2, _BACKOFF_MAX)
 
     async def _session(self) -> None:
-        connection = await connect(self._url, name=self._name)
+        connection, node = await connect_node(self.nodes, name=self._name)
         try:
             lost = asyncio.Event()
 
             def on_lost(*_: Any) -> None:
                 if not lost.is_set():
                     lost.set()
+                    # Not ready from this instant (/readyz), not from when the loop wakes.
+                    self.consuming = self.connected = False
                     self._wake.set()
+                    if not self._closed:
+                        self.reconnects[node.address] += 1
+                        self.nodes.failed(node)  # the next session starts at the next node
                     self._on_lost()
 
             connection.close_callbacks.add(on_lost)
@@ -142,20 +152,19 @@ class Consumer:
             self._ping_channel = await pinging.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             self.acks.opened(underlay)
-            if self._ever_connected:
-                self.reconnects += 1
-            self.connected = self._ever_connected = True
+            self.node = node
+            self.connected = True
             while not lost.is_set() and not self._closed:
                 if not self._paused and not self.consuming:
                     cancelled.clear()
                     await topology.declare_queue(channel, self._queue_name)
                     self._applied = await self._consume()
-                    self.consuming = True
+                    self.consuming = not lost.is_set()
                     log.info(
                         "consuming from %r (prefetch %d) at %s",
                         self._queue_name,
                         self._applied,
-                        safe_url(self._url),
+                        node.safe,
                     )
                 elif self._paused and self.consuming:
                     await self._cancel_consumer()
@@ -173,6 +182,7 @@ class Consumer:
                     await self._sleep(_BACKOFF_START)
         finally:
             self.consuming = self.connected = False
+            self.node = None
             if not connection.is_closed:
                 with contextlib.suppress(*CONNECTION_ERRORS):
                     await connection.close()
@@ -208,8 +218,13 @@ class Consumer:
 
     @property
     def url(self) -> str:
-        """The broker URL, password masked."""
-        return safe_url(self._url)
+        """The broker URLs, passwords masked, in the order they are tried."""
+        return str(self.nodes)
+
+    @property
+    def current_node(self) -> str | None:
+        """``host:port`` of the node of the open connection."""
+        return self.node.address if self.node is not None else None
 
     @property
     def tag(self) -> str | None:

@@ -76,6 +76,43 @@ class BrokerConnectionError(HutchError, ConnectionError):
     """The connection or channel to the broker is gone (translated from the AMQP library)."""
 
 
+class BrokerUnavailable(BrokerConnectionError):
+    """No broker node could be reached (or none confirmed a publish in the time allowed).
+
+    ``tried`` holds the URLs tried, passwords masked, in the order tried; ``errors`` what each
+    attempt ended with (the last one per URL).
+    """
+
+    def __init__(
+        self,
+        tried: list[str],
+        errors: list[BaseException] | None = None,
+        *,
+        waited: float | None = None,
+    ) -> None:
+        self.tried = list(dict.fromkeys(tried))
+        self.errors = list(errors or [])
+        last: dict[str, BaseException] = {}
+        for url, error in zip(tried, self.errors, strict=False):
+            last[url] = error
+        self.last = last
+        reasons = "; ".join(f"{url}: {_reason(last[url]) if url in last else 'no answer'}"
+                            for url in self.tried)  # fmt: skip
+        within = f" within {waited:g}s" if waited is not None else ""
+        super().__init__(
+            f"no broker node answered{within} (tried {reasons}); check that RabbitMQ runs there "
+            "and HUTCH_BROKER_URL (or HUTCH_BROKER_URL_FILE)"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return repr(exc)
+
+
 class PublishError(HutchError):
     """The broker did not confirm a publish (nack, return, timeout or lost connection)."""
 

@@ -49,7 +49,7 @@ import aio_pika
 import aiormq.abc
 
 from service import continuation, protocol, routing, topology
-from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
+from service.broker import CONNECTION_ERRORS, Node, Nodes, as_nodes, connect_node, open_channel
 from service.delivery import Delivery
 from service.errors import PublishError
 from service.fanin import Ack, Done, Effect, FanIn, FollowUp, Keep, Refuse, read_record
@@ -78,7 +78,7 @@ class Joins:
 
     def __init__(
         self,
-        url: str,
+        nodes: Nodes | str,
         *,
         capacity: int = 10_000,
         max_age: float = 86_400.0,
@@ -86,7 +86,8 @@ class Joins:
         observer: Observer | None = None,
         name: str = "hutch-joins",
     ) -> None:
-        self._url = url
+        self._nodes = as_nodes(nodes)
+        self._node: Node | None = None  # the node of the open connection
         self.capacity = capacity
         self.book: FanIn[Delivery] = FanIn(max_age=max_age, compact_after=compact_after)
         self._observer = observer or Observer()
@@ -112,7 +113,7 @@ class Joins:
                     break
                 log.warning(
                     "fan-in on %s failed: %r; reconnecting in %.1fs",
-                    safe_url(self._url),
+                    (self._node or self._nodes.current).safe,
                     exc,
                     delay,
                 )
@@ -138,13 +139,16 @@ class Joins:
         self._report()
 
     async def _session(self) -> None:
-        connection = await connect(self._url, name=self._name)
+        connection, self._node = await connect_node(self._nodes, name=self._name)
+        node = self._node
         try:
             lost = asyncio.Event()
 
             def on_lost(*_: Any) -> None:
                 lost.set()
                 self._wake.set()
+                if not self._closed:
+                    self._nodes.failed(node)  # the next session starts at the next node
 
             connection.close_callbacks.add(on_lost)
             channel = await open_channel(connection, publisher_confirms=True, on_return_raises=True)

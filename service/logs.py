@@ -3,7 +3,7 @@
 ``HUTCH_LOG_FORMAT=json`` gives ``{"time", "level", "logger", "message"}`` plus ``task``,
 ``task_id`` and ``attempt`` where a record is about one task (passed as ``extra``). Task
 arguments and the broker password never reach a log record in the first place: URLs are logged
-through `service.broker.safe_url` and bodies are never logged.
+through `service.nodes.safe_url` and bodies are never logged.
 """
 
 from __future__ import annotations

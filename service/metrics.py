@@ -19,7 +19,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -42,6 +42,9 @@ DURATION_BUCKETS: Final = (
 QUEUE_WAIT_BUCKETS: Final = (
     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
 )  # fmt: skip
+
+# The node of the default broker URL, for counts made before (or without) a worker's list.
+DEFAULT_NODE: Final = "localhost:5672"
 
 # The label value of deliveries whose task header names no registered task.
 UNKNOWN_TASK: Final = "unknown"
@@ -70,7 +73,9 @@ class ConsumerGauges(Protocol):
     @property
     def connected(self) -> bool: ...
     @property
-    def reconnects(self) -> int: ...
+    def reconnects(self) -> Mapping[str, int]: ...  # by node address, every node listed
+    @property
+    def current_node(self) -> str | None: ...  # the address consumed from now
 
 
 @dataclass
@@ -81,6 +86,8 @@ class State:
     consumer: ConsumerGauges | None = None
     ready: Callable[[], bool] = lambda: False
     rtt: Callable[[], float] = lambda: 0.0
+    # The broker nodes (host:port) the per-node series are exported for, each from the start.
+    nodes: tuple[str, ...] = ()
 
 
 class Histogram:
@@ -140,7 +147,9 @@ class Metrics(Observer):
     decides; every value is exported at 0 from the start so ``rate()`` and ``absent()`` behave.
     """
 
-    def __init__(self, queue: str, *, vhost: str = "/") -> None:
+    def __init__(
+        self, queue: str, *, vhost: str = "/", nodes: Sequence[str] = (DEFAULT_NODE,)
+    ) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             raise RuntimeError(
                 "PROMETHEUS_MULTIPROC_DIR is set, which switches prometheus-client to mmap "
@@ -151,7 +160,7 @@ class Metrics(Observer):
         # The metrics of the worker's later queues, exported with these (`service.prometheus`).
         self.others: list[Metrics] = []
         self.counts = counts = Counts()
-        self.state = State()
+        self.state = State(nodes=tuple(nodes))
         self._registry: CollectorRegistry | None = None
         self._registry_lock = threading.Lock()  # `prepare` may run in a thread
 

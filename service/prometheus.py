@@ -166,11 +166,26 @@ class _StateCollector(Collector):
             consumer.connected if consumer else False,
             False,
         )
+        # By node (host:port from the broker URL list), every node from 0: a cluster of a few
+        # nodes is a few series, and a failover shows as which node was lost.
         reconnects = CounterMetricFamily(
-            "hutch_broker_reconnects", "Consuming connections re-established after a loss."
+            "hutch_broker_reconnects",
+            "Consuming connections lost (the worker then reconnects, to the next node), "
+            "by the node lost.",
+            labels=["node"],
         )
-        reconnects.add_metric([], consumer.reconnects if consumer else 0)
+        current = GaugeMetricFamily(
+            "hutch_broker_node",
+            "1 for the broker node the consuming connection is open to, 0 for the others.",
+            labels=["node"],
+        )
+        counted = consumer.reconnects if consumer else {}
+        on = consumer.current_node if consumer else None
+        for node in self._state.nodes:
+            reconnects.add_metric([node], counted.get(node, 0))
+            current.add_metric([node], 1 if node == on else 0)
         yield reconnects
+        yield current
         yield gauge(
             "hutch_ready",
             "1 while consuming and not draining (as /readyz).",

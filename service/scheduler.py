@@ -56,7 +56,7 @@ import aiormq
 import aiormq.abc
 
 from service import protocol, topology
-from service.broker import CONNECTION_ERRORS, connect, open_channel, safe_url
+from service.broker import CONNECTION_ERRORS, Node, Nodes, as_nodes, connect_node, open_channel
 from service.delivery import Delivery
 from service.errors import PublishError
 from service.observer import Observer
@@ -129,7 +129,7 @@ class Scheduler:
 
     def __init__(
         self,
-        url: str,
+        nodes: Nodes | str,
         queue: str,
         schedules: Iterable[Schedule],
         *,
@@ -137,7 +137,8 @@ class Scheduler:
         content_type: str = protocol.MSGPACK,
         name: str = "hutch-scheduler",
     ) -> None:
-        self._url = url
+        self._nodes = as_nodes(nodes)
+        self._node: Node | None = None  # the node of the open connection
         self._queue = queue
         self.schedules = {s.task: s for s in schedules}
         self._observer = observer or Observer()
@@ -167,7 +168,7 @@ class Scheduler:
                     break
                 log.warning(
                     "scheduler connection to %s failed: %r; reconnecting in %.1fs",
-                    safe_url(self._url),
+                    (self._node or self._nodes.current).safe,
                     exc,
                     delay,
                 )
@@ -196,13 +197,16 @@ class Scheduler:
             log.info("no longer leading the schedules of %r", self._queue)
 
     async def _session(self) -> None:
-        connection = await connect(self._url, name=self._name)
+        connection, self._node = await connect_node(self._nodes, name=self._name)
+        node = self._node
         try:
             lost = asyncio.Event()
 
             def on_lost(*_: Any) -> None:
                 lost.set()
                 self._wake.set()
+                if not self._closed:
+                    self._nodes.failed(node)  # the next session starts at the next node
 
             connection.close_callbacks.add(on_lost)
             channel = await open_channel(connection, publisher_confirms=True, on_return_raises=True)

@@ -2,7 +2,8 @@
 
 Precedence: command-line flag, then environment variable, then the documented default. The
 broker URL is deliberately not a flag (``ps`` would show its password); it comes from
-``HUTCH_BROKER_URL`` or from a file named by ``HUTCH_BROKER_URL_FILE``.
+``HUTCH_BROKER_URL`` or from a file named by ``HUTCH_BROKER_URL_FILE``, and may list several
+nodes of one cluster, comma-separated (`service.nodes`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from service.cpus import usable_cpus
 from service.errors import ConfigError
+from service.nodes import parse_urls, safe_url, split_urls
 from service.registry import TaskSpec
 from service.routing import check_queue_name
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+# Seconds `Client.submit` keeps trying the broker nodes through an outage (HUTCH_PUBLISH_TIMEOUT).
+DEFAULT_PUBLISH_TIMEOUT = 30.0
 T = TypeVar("T")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -138,6 +142,11 @@ def _addr(text: str) -> str:
         return "off"
     parse_addr(text)
     return text.strip()
+
+
+def broker_urls(text: str) -> str:
+    """A comma-separated list of AMQP URLs, each checked, as one string (blanks dropped)."""
+    return ",".join(parse_urls(text))
 
 
 def _log_format(text: str) -> str:
@@ -256,7 +265,10 @@ class Settings:
         flag=False,
     )
     broker_url: str = _setting(
-        DEFAULT_BROKER_URL, str, "AMQP URL (env only: HUTCH_BROKER_URL or _FILE)", flag=False
+        DEFAULT_BROKER_URL,
+        broker_urls,
+        "AMQP URL, or several nodes' URLs comma-separated (env only: HUTCH_BROKER_URL or _FILE)",
+        flag=False,
     )
 
     def __post_init__(self) -> None:
@@ -304,14 +316,18 @@ def time_limit_report(settings: Settings, specs: Iterable[TaskSpec]) -> tuple[st
 
 
 def check_tls(url: str, *, insecure: bool) -> None:
-    """amqps:// verifies the server certificate; switching that off takes two explicit steps."""
-    query = parse_qs(urlsplit(url).query)
-    disabled = query.get("no_verify_ssl", ["0"])[-1] not in ("", "0", "false")
-    if urlsplit(url).scheme == "amqps" and disabled and not insecure:
-        raise ConfigError(
-            "the broker URL turns off TLS certificate verification (no_verify_ssl); "
-            "set HUTCH_INSECURE_TLS=yes as well if you really mean it"
-        )
+    """amqps:// verifies the server certificate; switching that off takes two explicit steps.
+
+    ``url`` may be a comma-separated list: each URL carries its own TLS options.
+    """
+    for one in split_urls(url):
+        query = parse_qs(urlsplit(one).query)
+        disabled = query.get("no_verify_ssl", ["0"])[-1] not in ("", "0", "false")
+        if urlsplit(one).scheme == "amqps" and disabled and not insecure:
+            raise ConfigError(
+                f"the broker URL {safe_url(one)} turns off TLS certificate verification "
+                "(no_verify_ssl); set HUTCH_INSECURE_TLS=yes as well if you really mean it"
+            )
 
 
 def env_name(name: str) -> str:
@@ -346,6 +362,8 @@ def load(
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(Settings):
+        if f.name == "broker_url":  # environment only, and a file may hold it: see below
+            continue
         raw = args.get(f.name)
         source = "--" + f.name.replace("_", "-")
         if raw is None:
@@ -357,8 +375,7 @@ def load(
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-    if "broker_url" not in values:
-        values["broker_url"] = broker_url_from_env(environ)
+    values["broker_url"] = broker_url_from_env(environ)
     return Settings(**values)
 
 
@@ -388,18 +405,39 @@ def broker_url_from_env(environ: Mapping[str, str] | None = None) -> str:
     """``HUTCH_BROKER_URL``, else the contents of ``HUTCH_BROKER_URL_FILE``, else the default.
 
     Shared by the worker, the client and the operator commands; raises `ConfigError`.
+    A value may list several URLs, comma-separated; each is checked, and a bad one is a
+    `ConfigError` naming it (password masked).
     """
     environ = os.environ if environ is None else environ
     url = environ.get("HUTCH_BROKER_URL")
-    if url:
-        return url
-    path = environ.get("HUTCH_BROKER_URL_FILE")
-    if path:
+    source = "HUTCH_BROKER_URL"
+    if not url:
+        path = environ.get("HUTCH_BROKER_URL_FILE")
+        if not path:
+            return DEFAULT_BROKER_URL
+        source = f"HUTCH_BROKER_URL_FILE ({path})"
         try:
             with open(path) as url_file:
-                return url_file.read().strip()
+                # One URL per line is accepted as well as commas, as secrets are often written.
+                url = ",".join(url_file.read().split())
         except OSError as exc:
             raise ConfigError(
                 f"HUTCH_BROKER_URL_FILE: cannot read {path}: {exc.strerror}"
             ) from None
-    return DEFAULT_BROKER_URL
+    try:
+        return broker_urls(url)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def publish_timeout_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """``HUTCH_PUBLISH_TIMEOUT`` (seconds a client keeps trying to publish through an outage),
+    else `DEFAULT_PUBLISH_TIMEOUT`; raises `ConfigError`."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("HUTCH_PUBLISH_TIMEOUT")
+    if not raw:
+        return DEFAULT_PUBLISH_TIMEOUT
+    try:
+        return positive_float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"HUTCH_PUBLISH_TIMEOUT: {exc}") from None

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from service.health import HealthServer
     from service.joins import Joins
     from service.metrics import Metrics
+    from service.nodes import Nodes
     from service.prefetch import PrefetchControl
     from service.scheduler import Scheduler
     from service.settle import Settler
@@ -86,17 +87,18 @@ class Worker:
         consumer, intake, settler, prefetch control and set of counts per queue, in priority
         order, around the one pool and publisher."""
         # Imported here, once the children are booting (see the module docstring).
-        from service.broker import Publisher, vhost_of
+        from service.broker import Nodes, Publisher
         from service.joins import Joins
         from service.priority import PriorityControl, PriorityGate
         from service.scheduler import Scheduler
 
         s = self.settings
         name = f"hutch-worker {socket.gethostname()} pid {os.getpid()}"
-        self.publisher = Publisher(s.broker_url, name=name + " publish")
-        vhost = vhost_of(s.broker_url)
+        # One shuffled order for every connection of this process, so they fail over together.
+        nodes = Nodes(s.broker_url)
+        self.publisher = Publisher(nodes, name=name + " publish")
         self.lanes = [
-            self._build_lane(lane, queue, name, vhost, self.observers if lane == 0 else None)
+            self._build_lane(lane, queue, name, nodes, self.observers if lane == 0 else None)
             for lane, queue in enumerate(s.queues)
         ]
         first = self.lanes[0]
@@ -118,7 +120,7 @@ class Worker:
         self.scheduler: Scheduler | None = None
         if any(schedules):
             self.scheduler = Scheduler(
-                s.broker_url,
+                nodes,
                 s.queues[0],
                 [schedule for schedule in schedules if schedule is not None],
                 observer=observers,
@@ -128,7 +130,7 @@ class Worker:
                 self.metrics.add_schedule(schedule)
         # Every worker stands by to hold the fan-in of flows; the broker picks one at a time.
         self.joins: Joins = Joins(
-            s.broker_url,
+            nodes,
             capacity=s.join_capacity,
             max_age=s.join_max_age,
             compact_after=min(600.0, s.consumer_timeout / 3),
@@ -138,7 +140,7 @@ class Worker:
         self.metrics.counts.join_capacity = s.join_capacity
 
     def _build_lane(
-        self, lane: int, queue: str, name: str, vhost: str, observers: Observers | None
+        self, lane: int, queue: str, name: str, nodes: Nodes, observers: Observers | None
     ) -> _Lane:
         from service.acks import AckRouter
         from service.admission import Intake
@@ -148,7 +150,7 @@ class Worker:
         from service.settle import Settler
 
         s = self.settings
-        metrics = Metrics(queue, vhost=vhost)
+        metrics = Metrics(queue, vhost=nodes.vhost, nodes=[node.address for node in nodes.all])
         acks = AckRouter()
         # Stages report to the observers; the list is filled once every stage exists, since
         # the prefetch control observes the settler and acts on the consumer and the pool.
@@ -164,7 +166,7 @@ class Worker:
         )
         suffix = f" consume {queue}" if len(s.queues) > 1 else " consume"
         consumer = Consumer(
-            s.broker_url,
+            nodes,
             queue,
             prefetch=s.prefetch,
             on_message=intake,
@@ -236,7 +238,7 @@ class Worker:
         log.info("%s", info)
         for warning in warnings:
             log.warning("%s", warning)
-        if s.insecure_tls and s.broker_url.startswith("amqps://"):
+        if s.insecure_tls and "amqps://" in s.broker_url:
             log.warning(
                 "TLS CERTIFICATE VERIFICATION IS OFF (HUTCH_INSECURE_TLS): anyone on the path "
                 "to the broker can read and forge tasks"

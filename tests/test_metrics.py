@@ -167,7 +167,8 @@ async def test_readyz_is_false_without_a_consumer(
     assert 503 in seen and seen[-1] == 200, seen
     assert (await asyncio.to_thread(get, base + "/livez"))[0] == 200  # never the broker's fault
     _, text = await asyncio.to_thread(get, base + "/metrics")
-    assert value(text, "hutch_broker_reconnects_total") >= 1
+    assert value(text, "hutch_broker_reconnects_total", node="127.0.0.1:5672") >= 1
+    assert value(text, "hutch_broker_node", node="127.0.0.1:5672") == 1
 
 
 def test_metrics_addr_in_use_is_a_clear_error(tmp_path: Any) -> None:

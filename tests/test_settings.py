@@ -182,6 +182,65 @@ def test_broker_url_file_unreadable(tmp_path: Path) -> None:
     assert str(missing) in message
 
 
+def test_broker_url_lists_several_nodes() -> None:
+    urls = "amqp://a:pw1@rabbit-1:5672/prod, amqps://b:pw2@rabbit-2/prod?cafile=/ca.pem,"
+    assert load({}, {"HUTCH_BROKER_URL": urls}).broker_url == (
+        "amqp://a:pw1@rabbit-1:5672/prod,amqps://b:pw2@rabbit-2/prod?cafile=/ca.pem"
+    )
+
+
+def test_broker_url_file_may_hold_one_url_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "broker-url"
+    path.write_text("amqp://u:p@rabbit-1/v\namqp://u:p@rabbit-2/v,amqp://u:p@rabbit-3/v\n")
+    assert load({}, {"HUTCH_BROKER_URL_FILE": str(path)}).broker_url == (
+        "amqp://u:p@rabbit-1/v,amqp://u:p@rabbit-2/v,amqp://u:p@rabbit-3/v"
+    )
+
+
+@pytest.mark.parametrize(
+    ("urls", "says"),
+    [
+        (
+            "amqp://u:s3cret@h1/,http://u:s3cret@h2/",
+            "URL 2 of 2: http://u:******@h2/ is not an AMQP",
+        ),
+        ("amqp://u:s3cret@h1/,amqp://u:s3cret@h2:70000/", "URL 2 of 2: amqp://u:******@h2:70000/"),
+        ("amqp://u:s3cret@/,amqp://u:s3cret@h2/", "URL 1 of 2: amqp://u:******@/ names no host"),
+        ("amqp://u:s3cret@h1/a,amqp://u:s3cret@h2/b", "different virtual hosts ('a', 'b')"),
+        (" , ", "no broker URL given"),
+    ],
+)
+def test_a_bad_url_in_the_list_is_named_with_its_password_masked(urls: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, {"HUTCH_BROKER_URL": urls})
+    assert str(info.value).startswith("HUTCH_BROKER_URL: ") and says in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_bad_url_in_the_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker-url"
+    path.write_text("amqp://u:s3cret@h1/\nrabbit-2:5672\n")
+    with pytest.raises(ConfigError) as info:
+        load({}, {"HUTCH_BROKER_URL_FILE": str(path)})
+    assert f"HUTCH_BROKER_URL_FILE ({path}): URL 2 of 2" in str(info.value)
+
+
+def test_tls_is_checked_for_every_url_of_the_list() -> None:
+    urls = "amqps://u:p@h1/,amqps://u:secret@h2/?no_verify_ssl=1"
+    with pytest.raises(ConfigError) as info:
+        load({}, {"HUTCH_BROKER_URL": urls})
+    assert "amqps://u:******@h2/" in str(info.value) and "HUTCH_INSECURE_TLS" in str(info.value)
+
+
+def test_publish_timeout_from_environment() -> None:
+    from service.settings import DEFAULT_PUBLISH_TIMEOUT, publish_timeout_from_env
+
+    assert publish_timeout_from_env({}) == DEFAULT_PUBLISH_TIMEOUT == 30
+    assert publish_timeout_from_env({"HUTCH_PUBLISH_TIMEOUT": "2.5"}) == 2.5
+    with pytest.raises(ConfigError, match="HUTCH_PUBLISH_TIMEOUT: '0' must be a positive"):
+        publish_timeout_from_env({"HUTCH_PUBLISH_TIMEOUT": "0"})
+
+
 def test_tasks_list_parsing() -> None:
     assert load({"tasks": " pkg.a ,pkg.b,, "}, {}).tasks == ["pkg.a", "pkg.b"]
     with pytest.raises(ConfigError, match=r"^--tasks: name at least one module"):

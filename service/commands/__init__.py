@@ -11,7 +11,6 @@ one line on stderr saying what to do, exit status 2, no traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import logging
@@ -25,9 +24,10 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from service import protocol, routing
-from service.broker import CONNECTION_ERRORS, connect, safe_url, vhost_of
+from service.broker import CONNECTION_ERRORS, Nodes, connect, safe_url, vhost_of
 from service.client import Client
-from service.errors import ConfigError, UsageError
+from service.errors import BrokerUnavailable, ConfigError, UsageError
+from service.nodes import split_urls
 from service.settings import broker_url_from_env
 
 CONNECT_TIMEOUT = 15.0
@@ -77,7 +77,8 @@ def checked_queue(queue: str) -> str:
 
 
 def broker_url() -> str:
-    """The broker URL from the environment (`broker_url_from_env`), as a `UsageError`."""
+    """The broker URL (list) from the environment (`broker_url_from_env`); a bad one is a
+    `UsageError`."""
     try:
         return broker_url_from_env()
     except ConfigError as exc:
@@ -85,7 +86,15 @@ def broker_url() -> str:
 
 
 def explain_connection_error(exc: BaseException, url: str) -> str:
-    """One line saying why connecting to ``url`` failed and what to check."""
+    """One line saying why connecting to ``url`` (a URL or a list) failed and what to check."""
+    if isinstance(exc, BrokerUnavailable):
+        if len(exc.tried) == 1 and exc.last:
+            return _explain(next(iter(exc.last.values())), split_urls(url)[0])
+        return str(exc)
+    return _explain(exc, url)
+
+
+def _explain(exc: BaseException, url: str) -> str:
     where = safe_url(url)
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return (
@@ -146,13 +155,16 @@ def say_if_unconsumed(client: Client, queue: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def broker_connection(url: str, *, name: str) -> AsyncIterator[AbstractConnection]:
-    """A connection for one command, or `UsageError` saying why there is none."""
+async def broker_connection(url: str | Nodes, *, name: str) -> AsyncIterator[AbstractConnection]:
+    """A connection for one command to the first node that answers (given `Nodes`, the one
+    that did is ``nodes.current`` afterwards), or `UsageError` saying why there is none."""
+    nodes = url if isinstance(url, Nodes) else Nodes(url)
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            connection = await connect(url, name=name)
+        connection = await connect(nodes, name=name, timeout=CONNECT_TIMEOUT)
     except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
-        raise UsageError(explain_connection_error(exc, url)) from None
+        raise UsageError(
+            explain_connection_error(exc, ",".join(n.url for n in nodes.all))
+        ) from None
     try:
         yield connection
     finally:

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from service import routing
-from service.broker import vhost_of
+from service.broker import Nodes
 from service.commands import broker_connection, broker_url, checked_queue, command
 from service.commands.render import table
 from service.errors import ManagementRequired, QueueNotFound, UsageError
@@ -63,12 +63,13 @@ def _table(stats: list[QueueStats]) -> None:
 @command
 def _inspect(options: argparse.Namespace) -> int:
     queue = checked_queue(options.queue) if options.queue is not None else None
-    url = broker_url()
-    vhost = vhost_of(url)
-    api = ManagementAPI.for_broker(url)
+    nodes = Nodes(broker_url())
+    vhost = nodes.vhost
 
     async def main() -> inspection.Inspection:
-        async with broker_connection(url, name="hutch inspect") as connection:
+        async with broker_connection(nodes, name="hutch inspect") as connection:
+            # The management API of the node that answered (any node serves the cluster's).
+            api = ManagementAPI.for_broker(nodes.current.url)
             try:
                 return await inspection.inspect(connection, api, vhost, queue)
             except ManagementRequired as exc:

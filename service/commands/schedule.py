@@ -19,7 +19,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from service import topology
-from service.broker import vhost_of
+from service.broker import Nodes
 from service.commands import broker_connection, broker_url, checked_queue, command
 from service.commands.render import table
 from service.errors import ManagementUnavailable, QueueNotFound, UsageError
@@ -99,33 +99,35 @@ def _when(ms: Any) -> str:
 
 @command
 def _ls(options: argparse.Namespace) -> int:
-    url = broker_url()
-    vhost = vhost_of(url)
-    if options.queue is not None:
-        queues = [checked_queue(options.queue)]
-    else:
+    nodes = Nodes(broker_url())
+    vhost = nodes.vhost
+    named = [checked_queue(options.queue)] if options.queue is not None else None
+
+    async def main() -> tuple[list[str], list[dict[str, Any]]]:
+        rows: list[dict[str, Any]] = []
+        async with broker_connection(nodes, name="hutch schedule ls") as connection:
+            queues = named if named is not None else await asyncio.to_thread(_listed, nodes)
+            for queue in queues:
+                status = await read_status(connection, queue)
+                if status is not None:
+                    rows += _rows(status, int(time.time() * 1000))
+        return queues, rows
+
+    def _listed(nodes: Nodes) -> list[str]:
+        # The management API of the node that answered (any node serves the cluster's).
         try:
-            listed = ManagementAPI.for_broker(url).queues(vhost)
+            listed = ManagementAPI.for_broker(nodes.current.url).queues(vhost)
         except ManagementUnavailable as exc:
             raise UsageError(
                 f"listing queues needs the management API: {exc}; or name one with --queue Q"
             ) from None
-        queues = sorted(
+        return sorted(
             str(q["name"])[: -len(STATUS_SUFFIX)]
             for q in listed
             if str(q.get("name", "")).endswith(STATUS_SUFFIX)
         )
 
-    async def main() -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        async with broker_connection(url, name="hutch schedule ls") as connection:
-            for queue in queues:
-                status = await read_status(connection, queue)
-                if status is not None:
-                    rows += _rows(status, int(time.time() * 1000))
-        return rows
-
-    rows = asyncio.run(main())
+    queues, rows = asyncio.run(main())
     if options.json:
         for row in rows:
             print(json.dumps(row))
