@@ -22,8 +22,11 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "cluster"
-NODES = ("hutch1", "hutch2", "hutch3")
-PORTS = {name: 5681 + i for i, name in enumerate(NODES)}
+PREFIX = os.environ.get("HUTCH_CLUSTER_NAME", "hutch")  # as scripts/cluster reads them
+NODES = tuple(f"{PREFIX}{n}" for n in (1, 2, 3))
+PORTS = {
+    name: int(os.environ.get("HUTCH_CLUSTER_PORT", "5681")) + i for i, name in enumerate(NODES)
+}
 STATE = Path(os.environ.get("HUTCH_CLUSTER_DIR", "/tmp/hutch-cluster"))
 
 
