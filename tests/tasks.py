@@ -158,6 +158,14 @@ def big_result(size: int) -> str:
     return "x" * size
 
 
+@task
+def recorded_result(size: int) -> str:
+    """A ``size``-character result, with the run recorded (tests/test_network.py)."""
+    record("start")
+    record("done")
+    return "x" * size
+
+
 @task(max_attempts=1)
 def hog_memory(gib: int) -> int:
     return len(bytearray(gib << 30))
