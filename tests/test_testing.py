@@ -32,20 +32,21 @@ def test_week_of_retries_dst_schedule_and_failing_fan_in() -> None:
     with testing.worker(tasks=["tests.testing_tasks"], start=start) as w:
         client = w.client()
 
-        # A week of exponential retries: 60 s doubling, capped at a day, 20 attempts.
+        # A week of exponential retries: 60 s doubling, capped at a day, 25 attempts.
         began = w.clock.time()
         with pytest.raises(TaskError) as info:
             client.call(t.flaky)
         assert info.value.type == "ConnectionError"
-        assert "attempt 20" in info.value.message
+        assert "attempt 25" in info.value.message
         waited = w.clock.time() - began
-        # Equal jitter: each wait is half to all of min(60 * 2**(n-1), 86400), for n = 1..19
-        # (9.4 days in all, 4.7 at the least), each rounded up to whole seconds.
-        nominal = sum(min(60 * 2 ** (n - 1), 86_400) for n in range(1, 20))
-        assert nominal / 2 <= waited <= nominal + 19
+        # Equal jitter: each wait is half to all of min(60 * 2**(n-1), 86400), for n = 1..24
+        # (14.4 days in all, 7.2 at the least), each rounded up to whole seconds.
+        nominal = sum(min(60 * 2 ** (n - 1), 86_400) for n in range(1, 25))
+        assert nominal / 2 <= waited <= nominal + 24
+        assert waited >= 7 * 86_400
         days_of_retries = waited / 86_400
         [letter] = w.dead_letters()
-        assert (letter.reason, letter.attempts) == ("failed", 20)
+        assert (letter.reason, letter.attempts) == ("failed", 25)
 
         # The daily 02:30 Berlin report kept firing through the retries, once a day, and on
         # the spring-forward day (02:30 does not exist) at 03:00 local.
@@ -98,7 +99,7 @@ def test_countdown_waits_for_the_clock() -> None:
         w.run_until_idle(advance=False)
         assert w.dead_letters() == []  # it ran once and waits for its retry
         w.run_until_idle()
-        assert [d.attempts for d in w.dead_letters()] == [20]
+        assert [d.attempts for d in w.dead_letters()] == [25]
 
 
 def test_plugin_marker_selects_the_broker(tmp_path: Path) -> None:

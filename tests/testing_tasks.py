@@ -9,7 +9,7 @@ from service import current_task, task
 fires: list[Any] = []
 
 
-@task(name="testing.flaky", max_attempts=20, retry_backoff=60, retry_backoff_max=86_400)
+@task(name="testing.flaky", max_attempts=25, retry_backoff=60, retry_backoff_max=86_400)
 def flaky() -> None:
     raise ConnectionError(f"still down at attempt {current_task().attempt}")
 
