@@ -268,8 +268,12 @@ async def test_catchup_after_an_outage_follows_the_policy(
             leader.close()
             await running
         got = await broker.drain(queue)
-        slots = sorted(m.headers[protocol.SLOT_HEADER] for m in got)
-        assert len(slots) == fired, slots
+        every_slot = sorted(m.headers[protocol.SLOT_HEADER] for m in got)
+        # The test may run across a minute boundary: that next slot is an ordinary fire, not
+        # a catch-up, and at most one of them fits in these seconds.
+        slots = [slot for slot in every_slot if slot <= current]
+        assert every_slot[len(slots) :] in ([], [current + 60_000]), every_slot
+        assert len(slots) == fired, every_slot
         if fired:
             assert slots[-1] == current
             assert all(m.message_id == fire_id(name, m.headers[protocol.SLOT_HEADER]) for m in got)
