@@ -33,6 +33,7 @@ from typing import Any
 
 import aiormq
 import aiormq.abc
+from aio_pika.abc import AbstractConnection
 
 from service import topology
 from service.acks import AckRouter
@@ -121,6 +122,7 @@ class Consumer:
 
     async def _session(self) -> None:
         connection, node = await connect_node(self.nodes, name=self._name)
+        sharing: asyncio.Future[None] | None = None
         try:
             lost = asyncio.Event()
 
@@ -138,7 +140,13 @@ class Consumer:
             connection.close_callbacks.add(on_lost)
             channel = await open_channel(connection, publisher_confirms=False)
             channel.close_callbacks.add(on_lost)
-            await topology.declare_shared(channel)
+            # The delay levels and the fan-in queue go out on a channel of their own while
+            # this one declares the work queue and consumes (the broker handles channels in
+            # parallel): no delivery needs them, only what a settle may publish after it, and
+            # a publish that comes too early (a new vhost's first milliseconds) is refused,
+            # so its message is requeued, not lost. A refusal ends the session as before.
+            sharing = asyncio.ensure_future(_declare_shared(connection))
+            sharing.add_done_callback(lambda _: self._wake.set())
             cancelled = asyncio.Event()
 
             def on_cancel(frame: Any) -> None:
@@ -155,6 +163,9 @@ class Consumer:
             self.node = node
             self.connected = True
             while not lost.is_set() and not self._closed:
+                if sharing is not None and sharing.done():
+                    sharing.result()  # raises what the broker refused
+                    sharing = None
                 if not self._paused and not self.consuming:
                     cancelled.clear()
                     await topology.declare_queue(channel, self._queue_name)
@@ -181,6 +192,8 @@ class Consumer:
                     self.consuming = False
                     await self._sleep(_BACKOFF_START)
         finally:
+            if sharing is not None and not sharing.done():
+                sharing.cancel()
             self.consuming = self.connected = False
             self.node = None
             if not connection.is_closed:
@@ -299,3 +312,10 @@ class Consumer:
         """End the loop and close the connection (unsettled deliveries are requeued)."""
         self._closed = True
         self._wake.set()
+
+
+async def _declare_shared(connection: AbstractConnection) -> None:
+    channel = await open_channel(connection, publisher_confirms=False)
+    await topology.declare_shared(channel)
+    with contextlib.suppress(*CONNECTION_ERRORS):
+        await channel.close()

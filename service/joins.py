@@ -153,7 +153,7 @@ class Joins:
             connection.close_callbacks.add(on_lost)
             channel = await open_channel(connection, publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(on_lost)
-            await topology.declare_shared(channel)
+            await topology.declare_joins(channel)
             amqp = await channel.get_underlay_channel()
             await amqp.basic_qos(prefetch_count=self.capacity)
             await amqp.basic_consume(routing.JOINS_QUEUE, self._deliver, no_ack=False)

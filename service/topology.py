@@ -135,12 +135,26 @@ async def _close_reason(channel: aiormq.abc.AbstractChannel) -> aiormq.exception
 
 
 async def declare_queue(channel: AbstractChannel, queue: str) -> AbstractQueue:
-    """Declare ``queue`` and ``queue.dlq`` and bind ``queue`` for delayed delivery."""
+    """Declare ``queue`` and ``queue.dlq`` and bind ``queue`` for delayed delivery.
+
+    Declares the deliver exchange it binds to as well (`declare_shared` does too), so that it
+    does not depend on another channel's declarations having arrived first.
+    """
     check_queue_name(queue)
+    amqp = await channel.get_underlay_channel()
+    await amqp.exchange_declare(
+        DELIVER_EXCHANGE, exchange_type=ExchangeType.TOPIC.value, durable=True, nowait=True
+    )
     await channel.declare_queue(dlq_name(queue), durable=True, arguments=DLQ_ARGUMENTS)
     work = await channel.declare_queue(queue, durable=True, arguments=queue_arguments(queue))
     await work.bind(DELIVER_EXCHANGE, ".".join(["*"] * DELAY_LEVELS + [queue]))
     return work
+
+
+async def declare_joins(channel: AbstractChannel) -> None:
+    """Declare ``hutch.joins`` and its dead letters: all the fan-in's holder uses."""
+    await channel.declare_queue(dlq_name(JOINS_QUEUE), durable=True, arguments=DLQ_ARGUMENTS)
+    await channel.declare_queue(JOINS_QUEUE, durable=True, arguments=JOINS_ARGUMENTS)
 
 
 async def declare(channel: AbstractChannel, queue: str) -> AbstractQueue:

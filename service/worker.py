@@ -22,8 +22,8 @@ the order of start-up and of the drain. Start-up: spawn the pool's children firs
 a fresh interpreter that takes longer to boot than anything else; while they do, load the task
 modules and the broker side (the AMQP client is most of the parent's import time, which is why
 those stages are imported in `_build`, not at the top), serve the metrics endpoint, connect and
-declare; consume once the children are ready. The SIGTERM drain:
-stop receiving (basic.cancel); hand back deliveries still waiting in the parent (nack,
+declare; consume once the first child is ready (the others join as they boot). The SIGTERM
+drain: stop receiving (basic.cancel); hand back deliveries still waiting in the parent (nack,
 uncounted); let the tasks the children hold (running, or queued behind a short one) finish
 until ``drain_timeout``, settling each as usual; then kill what is still running and hand it
 back too; close; exit 0.
@@ -222,8 +222,8 @@ class Worker:
             max_memory_per_child=s.max_memory_per_child,
             on_restart=self.observers.on_restart,
         )
-        starting = loop.create_task(self.pool.start())
-        await asyncio.sleep(0)  # the children are being spawned
+        starting = self.pool.launch()
+        await asyncio.sleep(0)  # the children fork now, before the imports below
         try:
             import_task_modules(s.tasks)
             if not registered():

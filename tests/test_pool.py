@@ -72,7 +72,7 @@ def result_of(outcome: Outcome, content_type: str = MSGPACK) -> Any:
 class Harness:
     """A pool plus everything it reported: outcomes per job and restart reasons."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, modules: tuple[str, ...] = (TASKS,), **options: Any) -> None:
         self.done: asyncio.Queue[tuple[Job, Outcome]] = asyncio.Queue()
         self.outcomes: dict[int, Outcome] = {}
         self.order: list[Job] = []
@@ -85,7 +85,7 @@ class Harness:
         }
         settings.update(options)
         self.pool = Pool(
-            [TASKS], on_done=self._on_done, on_restart=self.restarts.append, **settings
+            list(modules), on_done=self._on_done, on_restart=self.restarts.append, **settings
         )
 
     def _on_done(self, job: Job, outcome: Outcome) -> None:
@@ -680,6 +680,87 @@ async def test_start_fails_when_task_module_does_not_import() -> None:
         assert pool.alive == 0
     finally:
         await pool.close()
+
+
+async def test_launch_fails_when_task_module_does_not_import() -> None:
+    pool = Pool(
+        ["no_such_module_xyz"],
+        size=2,
+        on_done=lambda j, o: None,
+        time_limit=1,
+        max_depth=32,
+        max_result_size=MiB,
+    )
+    try:
+        with pytest.raises(PoolStartError, match="no_such_module_xyz"):
+            await pool.launch()
+        assert pool.alive == 0
+    finally:
+        await pool.close()
+
+
+def _launch_harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> tuple[Harness, Pool]:
+    monkeypatch.setenv("HUTCH_TEST_LAUNCH_LOCK", str(tmp_path / "launch.lock"))
+    monkeypatch.setenv("HUTCH_TEST_LAUNCH_MODE", mode)
+    harness = Harness((TASKS, "tests.launch_tasks"), size=2)
+    return harness, harness.pool
+
+
+async def test_launch_is_done_when_the_first_child_is_up_and_the_rest_join(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker consumes once one child can run a job; the slower one joins later."""
+    h, pool = _launch_harness(tmp_path, monkeypatch, "slow")
+    try:
+        await pool.launch()
+        assert pool.alive == 1
+        assert result_of(await h.run(job("add", 2, 3))) == 5
+        assert pool.alive == 1  # the other is still booting (1.5 s)
+        await eventually(lambda: pool.alive == 2)
+        assert h.restarts == []
+    finally:
+        await pool.close()
+
+
+async def test_a_child_that_fails_to_boot_after_another_is_up_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, pool = _launch_harness(tmp_path, monkeypatch, "fail-once")
+    try:
+        await pool.launch()
+        assert result_of(await h.run(job("add", 1, 1))) == 2
+        await eventually(lambda: pool.alive == 2)
+        assert (tmp_path / "launch.failed").exists()  # the failure did happen
+        assert pool.respawn_failures == 0
+        assert h.restarts == []  # a child that never ran is not a restart
+    finally:
+        await pool.close()
+
+
+async def test_close_while_children_boot_leaves_none_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, pool = _launch_harness(tmp_path, monkeypatch, "slow")
+    await pool.launch()
+    pids = pool.child_pids()
+    booting = {
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_child_of_us(p)
+    } - set(pids)
+    await pool.close()
+    assert booting, "the slow child should still have been booting"
+    await eventually(lambda: all(gone_or_zombie(pid) for pid in booting | set(pids)))
+
+
+def _is_child_of_us(proc: Path) -> bool:
+    try:
+        stat = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent == os.getpid() and b"service.pool.child" in cmdline
 
 
 async def test_take_pending_and_abort_running() -> None:

@@ -192,6 +192,70 @@ class Pool:
             await self.close(timeout=0)
             raise errors[0]
 
+    def launch(self) -> asyncio.Task[None]:
+        """Spawn every child now; the task returned ends when the first one is ready.
+
+        The worker calls this before it imports the broker side, so the interpreters boot
+        while it does, and consumes as soon as one child can run a job: a job waiting in the
+        parent for the second child is no worse off than one waiting in the queue. The others
+        join as they come up (`submit` queues until then); one that fails after another is up
+        is retried as a replacement would be. The task raises the first `PoolStartError` when
+        none started, and the pool is closed then.
+        """
+        # Created here, not inside the returned task, so that they run (and fork) on the
+        # caller's next await, before whatever it does after.
+        spawns = [self._loop.create_task(self._spawn()) for _ in range(self.size)]
+        return self._loop.create_task(self._first_up(spawns))
+
+    async def _first_up(self, spawns: list[asyncio.Task[_Child]]) -> None:
+        waiting = set(spawns)
+        errors: list[BaseException] = []
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if error is None:
+                    self._adopt(task.result())
+                else:
+                    errors.append(error)
+            if self._children:
+                break
+        for task in waiting:
+            joining = self._loop.create_task(self._join(task))
+            self._respawns.add(joining)
+            joining.add_done_callback(self._respawns.discard)
+        if not self._children:
+            await self.close(timeout=0)
+            raise errors[0]
+        for error in errors:
+            log.error("a pool child did not start: %s; starting another", error)
+            self._respawn_quietly()
+
+    async def _join(self, spawning: asyncio.Task[_Child]) -> None:
+        """A child launched with the first, still booting: adopt it, or replace it."""
+        try:
+            child = await spawning
+        except asyncio.CancelledError:
+            spawning.cancel()
+            raise
+        except (PoolStartError, OSError) as exc:
+            log.error("a pool child did not start: %s; starting another", exc)
+            if not self._closing:
+                await self._respawn_until_up()
+            return
+        if self._closing:
+            self._close_stdin(child)
+            await child.proc.wait()
+            return
+        self._adopt(child)
+
+    def _respawn_quietly(self) -> None:
+        """Start a replacement for a child that never ran (no restart is counted)."""
+        if not self._closing:
+            task = self._loop.create_task(self._respawn_until_up())
+            self._respawns.add(task)
+            task.add_done_callback(self._respawns.discard)
+
     def submit(self, job: Job) -> None:
         """Queue a job; it starts as soon as a child is idle."""
         self._pending.append(job)
@@ -319,6 +383,10 @@ class Pool:
                 hello = await asyncio.shield(pipe.hello)
         except TimeoutError:
             hello = b""
+        except asyncio.CancelledError:  # the pool closed while this child booted
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         if hello != READY:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -343,10 +411,7 @@ class Pool:
     def _respawn(self, reason: RestartReason) -> None:
         if self._on_restart is not None:
             self._on_restart(reason)
-        if not self._closing:
-            task = self._loop.create_task(self._respawn_until_up())
-            self._respawns.add(task)
-            task.add_done_callback(self._respawns.discard)
+        self._respawn_quietly()
 
     async def _respawn_until_up(self) -> None:
         delay = 0.5
