@@ -40,6 +40,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from service.cpus import usable_cpus
 from service.errors import ConfigError
 from service.observer import Observers
 from service.pool.supervisor import Pool
@@ -58,6 +59,13 @@ if TYPE_CHECKING:
     from service.settle import Settler
 
 log = logging.getLogger(__name__)
+
+# prometheus-client is imported this long after the worker starts consuming, in a thread: long
+# before the first scrape needs it (Prometheus scrapes every 15 s by default; one that comes
+# sooner builds the registry itself), and after the first tasks, since the importing thread
+# competes with the loop for the GIL (it put 20 ms between a start-up's connection and its
+# first ack).
+_PREPARE_METRICS_AFTER = 1.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,8 @@ class Worker:
             max_memory_per_child=s.max_memory_per_child,
             on_restart=self.observers.on_restart,
         )
-        starting = self.pool.launch()
+        # One core stays with this process: its imports below are the start-up's critical path.
+        starting = self.pool.launch(at_once=usable_cpus() - 1)
         await asyncio.sleep(0)  # the children fork now, before the imports below
         try:
             import_task_modules(s.tasks)
@@ -256,8 +265,7 @@ class Worker:
             raise
         for lane in self.lanes:
             lane.consumer.resume()
-        # prometheus-client loads off the start-up path, before the first scrape needs it.
-        preparing = loop.run_in_executor(None, self.metrics.prepare)
+        preparing = loop.create_task(self._prepare_metrics())
         log.info(
             "hutch worker: %d children, %s %s, tasks %s, broker %s",
             s.concurrency,
@@ -282,7 +290,9 @@ class Worker:
             await joining
             await self.drain()
         finally:
-            await preparing
+            preparing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await preparing
             for watch in watching:
                 watch.cancel()
             if gating is not None:
@@ -310,6 +320,10 @@ class Worker:
         with contextlib.suppress(Exception):
             await starting
         await self.pool.close(timeout=0)
+
+    async def _prepare_metrics(self) -> None:
+        await asyncio.sleep(_PREPARE_METRICS_AFTER)
+        await asyncio.get_running_loop().run_in_executor(None, self.metrics.prepare)
 
     async def _serve_health(self) -> HealthServer | None:
         from service.health import HealthServer

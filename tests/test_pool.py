@@ -739,6 +739,41 @@ async def test_a_child_that_fails_to_boot_after_another_is_up_is_replaced(
         await pool.close()
 
 
+@pytest.mark.parametrize(("at_once", "saw"), [(1, "yes"), (None, "no")])
+async def test_launch_at_once_holds_the_rest_until_the_first_is_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_once: int | None, saw: str
+) -> None:
+    """With ``at_once=1`` the second child is spawned only once the first (1 s to boot) is
+    ready, so it finds the first's marker; spawned together (the default), it boots first."""
+    h, pool = _launch_harness(tmp_path, monkeypatch, "first-slow")
+    try:
+        await pool.launch(at_once=at_once)
+        assert result_of(await h.run(job("add", 2, 2))) == 4
+        await eventually(lambda: pool.alive == 2)
+        assert (tmp_path / "launch.saw").read_text() == saw + "\n"
+        assert h.restarts == []
+    finally:
+        await pool.close()
+
+
+async def test_launch_at_once_fails_when_the_first_child_cannot_import() -> None:
+    pool = Pool(
+        ["no_such_module_xyz"],
+        size=2,
+        on_done=lambda j, o: None,
+        time_limit=1,
+        max_depth=32,
+        max_result_size=MiB,
+    )
+    try:
+        with pytest.raises(PoolStartError, match="no_such_module_xyz"):
+            await pool.launch(at_once=1)
+        assert pool.alive == 0
+        assert pool.child_pids() == []
+    finally:
+        await pool.close()
+
+
 async def test_close_while_children_boot_leaves_none_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -192,8 +192,8 @@ class Pool:
             await self.close(timeout=0)
             raise errors[0]
 
-    def launch(self) -> asyncio.Task[None]:
-        """Spawn every child now; the task returned ends when the first one is ready.
+    def launch(self, *, at_once: int | None = None) -> asyncio.Task[None]:
+        """Spawn the children; the task returned ends when the first one is ready.
 
         The worker calls this before it imports the broker side, so the interpreters boot
         while it does, and consumes as soon as one child can run a job: a job waiting in the
@@ -201,13 +201,19 @@ class Pool:
         join as they come up (`submit` queues until then); one that fails after another is up
         is retried as a replacement would be. The task raises the first `PoolStartError` when
         none started, and the pool is closed then.
+
+        ``at_once`` (default: all of them) children boot now and the rest once the first is
+        ready. Booting interpreters and the parent's own imports compete for the same cores,
+        so the worker leaves one core to the parent: on 2 cores, spawning both children at
+        once made the first ready 200 ms after the spawn instead of about 80.
         """
+        first = self.size if at_once is None else max(1, min(at_once, self.size))
         # Created here, not inside the returned task, so that they run (and fork) on the
         # caller's next await, before whatever it does after.
-        spawns = [self._loop.create_task(self._spawn()) for _ in range(self.size)]
-        return self._loop.create_task(self._first_up(spawns))
+        spawns = [self._loop.create_task(self._spawn()) for _ in range(first)]
+        return self._loop.create_task(self._first_up(spawns, later=self.size - first))
 
-    async def _first_up(self, spawns: list[asyncio.Task[_Child]]) -> None:
+    async def _first_up(self, spawns: list[asyncio.Task[_Child]], *, later: int) -> None:
         waiting = set(spawns)
         errors: list[BaseException] = []
         while waiting:
@@ -220,13 +226,14 @@ class Pool:
                     errors.append(error)
             if self._children:
                 break
+        if not self._children:
+            await self.close(timeout=0)
+            raise errors[0]
+        waiting |= {self._loop.create_task(self._spawn()) for _ in range(later)}
         for task in waiting:
             joining = self._loop.create_task(self._join(task))
             self._respawns.add(joining)
             joining.add_done_callback(self._respawns.discard)
-        if not self._children:
-            await self.close(timeout=0)
-            raise errors[0]
         for error in errors:
             log.error("a pool child did not start: %s; starting another", error)
             self._respawn_quietly()
