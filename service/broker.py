@@ -146,7 +146,9 @@ class Publisher:
         async with self._lock:
             if self._channel is not None and not self._channel.is_closed:
                 return self._channel
-            await self._drop()
+            # A channel that closed without `_drop` was lost: the broker or the network closed
+            # it (a node shutting down, say), so the next connection goes to the next node.
+            await self._drop(failed=self._channel is not None)
             connection, self._node = await connect_node(self._nodes, name=self._name)
             try:
                 self._channel = await open_channel(

@@ -547,7 +547,13 @@ class AsyncClient:
                 TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
             )
 
-    def _on_close(self, *_: Any) -> None:
+    def _on_close(self, sender: Any = None, *_: Any) -> None:
+        if sender is not None and sender is self._connection and self._node is not None:
+            # Closed by the broker or the network, not by this client (`_drop` and `close`
+            # forget the connection before closing it): a node that closes its connections
+            # (one shutting down, say) is the wrong one to reconnect to at once. While it
+            # stopped, publishes through it were nacked (seen in tests/test_cluster.py).
+            self.nodes.failed(self._node)
         self._connection = self._channel = None
         self._listening = False
         self._fail_waiting(HutchError("connection to the broker was lost; the task may still run"))

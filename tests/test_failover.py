@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import service
 from service import AsyncClient, Client, HutchError
+from service.broker import Publisher
 from service.errors import BrokerUnavailable
 from service.nodes import Node, Nodes, parse_urls, safe_url
 from tests.cli_helpers import hutch
@@ -211,6 +213,47 @@ async def test_submit_during_an_outage_republishes_the_same_id_on_the_next_node(
         first.restore()
         messages = await broker.wait_for(queue, 2, 10)
     assert [m.message_id for m in messages] == [task_id, task_id]
+
+
+async def test_a_connection_the_broker_closes_sends_the_client_to_the_next_node(
+    vhost: Vhost, queue: str, two_nodes: tuple[FaultProxy, FaultProxy], in_given_order: None
+) -> None:
+    """A node closing its connections (CONNECTION_FORCED, as when it shuts down) while the
+    client is idle: the next publish goes to the next node, not back to that one."""
+    first, second = two_nodes
+    urls = [p.via(vhost.url) for p in two_nodes]
+    async with AsyncClient(urls, queue=queue) as client:
+        await client.submit("tests.tasks.add", 1, 1)
+        assert client.nodes.current.address == address(first)
+        await asyncio.to_thread(vhost.close_all_connections)
+        assert await until(lambda: client.nodes.current.address == address(second), 10)
+        await client.submit("tests.tasks.add", 2, 2)
+        assert client.nodes.current.address == address(second)
+    assert await until(lambda: vhost.queue_counts(queue)["ready"] == 2, 10)
+
+
+async def test_a_publisher_whose_connection_the_broker_closed_uses_the_next_node(
+    vhost: Vhost, queue: str, two_nodes: tuple[FaultProxy, FaultProxy], in_given_order: None
+) -> None:
+    """The worker's `Publisher` (results, retries, follow-ups) likewise."""
+    first, second = two_nodes
+    nodes = Nodes([p.via(vhost.url) for p in two_nodes], shuffle=False)
+    async with AsyncClient(vhost.url, queue=queue):  # declares the queue
+        pass
+    publisher = Publisher(nodes, name="test-publisher")
+    try:
+        await publisher.publish(aio_pika.Message(b"one"), queue)
+        assert nodes.current.address == address(first)
+        await asyncio.to_thread(vhost.close_all_connections)
+        assert await until(
+            lambda: publisher._channel is not None and publisher._channel.is_closed, 10
+        )
+        await publisher.publish(aio_pika.Message(b"two"), queue)
+        assert nodes.current.address == address(second)
+        assert second.stats.accepted >= 1
+    finally:
+        await publisher.close()
+    assert await until(lambda: vhost.queue_counts(queue)["ready"] == 2, 10)
 
 
 async def test_call_is_answered_through_the_node_it_moved_to(
