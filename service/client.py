@@ -547,8 +547,8 @@ class AsyncClient:
                 TaskError(str(error.get("type", "Error")), str(error.get("message", "")))
             )
 
-    def _on_close(self, sender: Any = None, *_: Any) -> None:
-        if sender is not None and sender is self._connection and self._node is not None:
+    def _on_close(self, sender: Any, *_: Any) -> None:
+        if sender is self._connection and self._node is not None:
             # Closed by the broker or the network, not by this client (`_drop` and `close`
             # forget the connection before closing it): a node that closes its connections
             # (one shutting down, say) is the wrong one to reconnect to at once. While it

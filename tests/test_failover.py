@@ -245,9 +245,7 @@ async def test_a_publisher_whose_connection_the_broker_closed_uses_the_next_node
         await publisher.publish(aio_pika.Message(b"one"), queue)
         assert nodes.current.address == address(first)
         await asyncio.to_thread(vhost.close_all_connections)
-        assert await until(
-            lambda: publisher._channel is not None and publisher._channel.is_closed, 10
-        )
+        assert await until(lambda: first.stats.active == 0, 10)  # the broker closed it
         await publisher.publish(aio_pika.Message(b"two"), queue)
         assert nodes.current.address == address(second)
         assert second.stats.accepted >= 1

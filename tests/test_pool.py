@@ -682,7 +682,8 @@ async def test_start_fails_when_task_module_does_not_import() -> None:
         await pool.close()
 
 
-async def test_launch_fails_when_task_module_does_not_import() -> None:
+@pytest.mark.parametrize("at_once", [None, 1])
+async def test_launch_fails_when_task_module_does_not_import(at_once: int | None) -> None:
     pool = Pool(
         ["no_such_module_xyz"],
         size=2,
@@ -693,8 +694,9 @@ async def test_launch_fails_when_task_module_does_not_import() -> None:
     )
     try:
         with pytest.raises(PoolStartError, match="no_such_module_xyz"):
-            await pool.launch()
+            await pool.launch(at_once=at_once)
         assert pool.alive == 0
+        assert pool.child_pids() == []
     finally:
         await pool.close()
 
@@ -752,24 +754,6 @@ async def test_launch_at_once_holds_the_rest_until_the_first_is_ready(
         await eventually(lambda: pool.alive == 2)
         assert (tmp_path / "launch.saw").read_text() == saw + "\n"
         assert h.restarts == []
-    finally:
-        await pool.close()
-
-
-async def test_launch_at_once_fails_when_the_first_child_cannot_import() -> None:
-    pool = Pool(
-        ["no_such_module_xyz"],
-        size=2,
-        on_done=lambda j, o: None,
-        time_limit=1,
-        max_depth=32,
-        max_result_size=MiB,
-    )
-    try:
-        with pytest.raises(PoolStartError, match="no_such_module_xyz"):
-            await pool.launch(at_once=1)
-        assert pool.alive == 0
-        assert pool.child_pids() == []
     finally:
         await pool.close()
 
